@@ -1,0 +1,85 @@
+"""Erase the shape "circle" from toy-sd with every registered method and show it worked.
+
+For the base model and for each method (preset "toy", the CPU-sized schedule) prints: the toy
+classifier's circle rate on circle prompts (train words, and held-out synonyms in held-out
+templates), the shape accuracy on the other shapes, wall time and peak memory of the erasure.
+Expected (issue 3): circle rate < 0.20 for every method, other shapes within 10 points of base.
+
+Each method runs in its own subprocess so that its peak memory is its own.
+
+    python bench/erasure_smoke.py [--methods uce,esd-x] [--n 48] [--concept circle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import efface.methods  # noqa: F401  (registers the methods)
+from efface import load_pipeline
+from efface.generate import GenerationConfig
+from efface.registry import METHODS
+from efface.toy import CLASSIFIER
+from efface.toy.classifier import ToyClassifier
+from efface.toy.quality import concept_rates
+
+CONFIG = GenerationConfig(steps=25, guidance=7.5, batch_size=48)
+
+
+def _pipe():
+    pipe = load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def child(method: str, concept: str, n: int, seed: int) -> None:
+    from efface.methods import erase
+
+    pipe = _pipe()
+    start = time.perf_counter()
+    erased = erase(pipe, method, [concept], seed=seed, preset="toy", progress=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    erased.apply(pipe)
+    rates = concept_rates(pipe, ToyClassifier.load(CLASSIFIER), concept, n=n, seed=seed, config=CONFIG)
+    print(json.dumps({"seconds": seconds, "peak_mb": peak, **rates}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS.names()))
+    parser.add_argument("--concept", default="circle")
+    parser.add_argument("--n", type=int, default=48, help="prompts per split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.concept, args.n, args.seed)
+        return 0
+    base = concept_rates(_pipe(), ToyClassifier.load(CLASSIFIER), args.concept, n=args.n, seed=args.seed,
+                         config=CONFIG)
+    print(f"{'method':<14} {'train rate':>10} {'held-out':>9} {'others':>7} {'seconds':>8} {'peak MB':>8}")
+    print(f"{'base':<14} {base['train_rate']:>10.3f} {base['heldout_rate']:>9.3f} {base['others']:>7.3f}")
+    ok = True
+    for method in args.methods.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", method, "--concept", args.concept,
+                               "--n", str(args.n), "--seed", str(args.seed)], capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{method:<14} FAILED\n{proc.stderr[-2000:]}")
+            ok = False
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        passed = r["train_rate"] < 0.20 and r["others"] >= base["others"] - 0.10
+        ok &= passed
+        print(f"{method:<14} {r['train_rate']:>10.3f} {r['heldout_rate']:>9.3f} {r['others']:>7.3f} "
+              f"{r['seconds']:>8.1f} {r['peak_mb']:>8.0f}  {'ok' if passed else 'MISSED'}", flush=True)
+    print(f"expected: {args.concept} rate < 0.20, others within 0.10 of base: {'MET' if ok else 'NOT MET'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

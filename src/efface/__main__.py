@@ -1,0 +1,3 @@
+from efface.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The ``efface`` command line: parses, calls the API, reports. Options come from dataclass configs."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+from pathlib import Path
+
+from efface import config as cfg
+from efface.errors import EffaceError
+
+log = logging.getLogger("efface")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    from efface.models.loading import load_pipeline
+
+    defaults = {k: v.default for k, v in inspect.signature(load_pipeline).parameters.items()}
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="toy",
+                   help="'toy' (bundled toy-sd), a diffusers directory, a single-file .safetensors "
+                        "checkpoint, or a hub id already in the local cache (default: toy)")
+    g.add_argument("--device", default=defaults["device"], help=f"cpu, cuda, cuda:N, mps or auto (default: {defaults['device']})")
+    g.add_argument("--dtype", default=defaults["dtype"], help=f"fp32, fp16 or bf16 (default: {defaults['dtype']})")
+    g.add_argument("--config", default=defaults["config"],
+                   help="local diffusers directory describing a single-file checkpoint's architecture")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle checkpoints (.ckpt/.bin/.pt/.pth); they can run arbitrary code")
+
+
+def _load(args: argparse.Namespace):
+    from efface.models.loading import load_pipeline
+
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                         config=args.config)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from efface.generate import GenerationConfig, describe, generate, save_images
+
+    gen = cfg.from_args(GenerationConfig, args)  # validates before the model is loaded
+    pipe = _load(args)
+    if args.erased:
+        from efface.artifacts import ErasedModel
+
+        ErasedModel.load(args.erased).apply(pipe)
+    images = generate(pipe, args.prompt, gen, seed=args.seed)
+    out = save_images(images, args.out, metadata=describe(args.prompt, gen, args.seed, args.model),
+                      overwrite=args.overwrite, grid_scale=args.grid_scale)
+    print(out / "grid.png")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import efface.methods  # noqa: F401  (registers the methods)
+    from efface.registry import ATTACKS, METHODS, METRICS
+
+    kinds = {"methods": METHODS, "attacks": ATTACKS, "metrics": METRICS}
+    for kind in [args.kind] if args.kind else list(kinds):
+        entries = kinds[kind].items()
+        print(f"{kind}:" + ("" if entries else " none registered yet"))
+        for name, obj in entries:
+            doc = (inspect.getdoc(obj) or "").splitlines()
+            print(f"  {name:<18} {doc[0] if doc else ''}")
+            if getattr(obj, "paper", ""):
+                print(f"  {'':<18} paper: {obj.paper}")
+            if hasattr(obj, "Config"):
+                for fname, tp, default, help_text in cfg.describe_fields(obj.Config):
+                    print(f"  {'':<18}   --set {fname}={default!s:<10} {tp:<6} {help_text}")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    import efface.methods  # noqa: F401  (registers the methods)
+    from efface.methods.base import ErasureRequest
+    from efface.registry import METHODS
+
+    cls = METHODS.get(args.method)  # unknown method / option / concept: fail before loading
+    preset = args.preset or ("toy" if args.model == "toy" else "paper")
+    method = cls(preset=preset, **cfg.parse_assignments(cls.Config, args.set or [], owner=args.method))
+    request = ErasureRequest.build(args.concept, args.anchor, args.preserve or (), default_anchor=cls.default_anchor)
+    if (Path(args.out).exists() and not args.overwrite):
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    pipe = _load(args)
+    erased = method.fit(pipe, request, seed=args.seed, progress=not args.quiet)
+    erased.save(args.out, pipe=pipe, save_pipeline=args.save_pipeline, overwrite=args.overwrite)
+    m = erased.manifest
+    print(f"{args.out}: {m['method']} erased {', '.join(request.concepts)}; {m['tensors_changed']} tensors "
+          f"({m['parameters_changed']} parameters) changed in {m['seconds']:.1f} s")
+    return 0
+
+
+def cmd_toy_train(args: argparse.Namespace) -> int:
+    from efface.toy.recipe import ToyRecipe
+    from efface.toy.train import train_toy
+
+    recipe = cfg.from_args(ToyRecipe, args)
+    out = train_toy(recipe, args.work, args.out, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from efface import __version__
+    from efface.generate import GenerationConfig
+    from efface.toy.recipe import ToyRecipe
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
+    parser = argparse.ArgumentParser(prog="efface", description="Concept erasure for text-to-image diffusion models.",
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"efface {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kwargs):
+        return _add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # every command takes -v / -q too
+
+    p = sub.add_parser("generate", help="generate images (PNGs + grid.png) from a prompt",
+                       description="Generate seeded images; the same seed gives byte-identical PNGs on CPU.")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--grid-scale", type=int, default=1, help="upscale the grid image by this factor (default: 1)")
+    p.add_argument("--erased", help="an erasure artifact directory (from `efface erase`) to apply first")
+    cfg.add_options(p, GenerationConfig, group="sampling")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("erase", help="erase concepts from a model; writes an artifact directory",
+                       description="Erase concepts with a registered method (see `efface list methods`). "
+                                   "Writes the changed tensors and a manifest; the base model is not modified.")
+    p.add_argument("--method", required=True, help="method name (efface list methods)")
+    p.add_argument("--concept", action="append", required=True, help="concept to erase (repeat for several)")
+    p.add_argument("--preserve", action="append", help="concept to preserve (repeat for several)")
+    p.add_argument("--anchor", help="concept the erased ones are mapped to (default: the method's, "
+                                    "e.g. '' for UCE and ESD objects)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeat for several)")
+    p.add_argument("--preset", help="'paper' (the paper's schedule) or 'toy' (CPU-sized; the default with --model toy)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", required=True, help="artifact directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    p.add_argument("--save-pipeline", action="store_true",
+                   help="also write a complete diffusers pipeline (out/pipeline) with the edit applied")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("list", help="list registered methods, attacks and metrics")
+    p.add_argument("kind", nargs="?", choices=["methods", "attacks", "metrics"], help="only this kind")
+    p.set_defaults(func=cmd_list)
+
+    toy = sub.add_parser("toy", help="the toy world and toy-sd").add_subparsers(dest="toy_command", required=True,
+                                                                              metavar="TOY_COMMAND")
+    toy.add_parser = lambda name, **kw: toy.__class__.add_parser(toy, name, parents=[common], **kw)
+    p = toy.add_parser("train", help="train toy-sd and the toy classifier (resumable)",
+                       description="Train toy-sd (tokenizer, text encoder, VAE, UNet) and the toy classifier. "
+                                   "Each stage is resumable: rerun the same command after an interruption.")
+    p.add_argument("--work", default="runs/toy-train", help="work directory for stages and checkpoints")
+    p.add_argument("--out", default="runs/toy-weights", help="output directory (toy-sd/ and classifier/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    cfg.add_options(p, ToyRecipe, group="recipe")
+    p.set_defaults(func=cmd_toy_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # transformers' import-time notices (e.g. torchvision fallbacks) are noise here
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except EffaceError as err:
+        log.error("%s", err)
+        return 2
+    except FileExistsError as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

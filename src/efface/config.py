@@ -1,0 +1,108 @@
+"""Dataclass configs are the only source of defaults: these helpers turn one into CLI options.
+
+A field's help text is its ``metadata["help"]``; ``bool`` fields become ``--flag/--no-flag``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> ``int``; other types unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *, group: str | None = None) -> None:
+    """Add one option per field of dataclass ``cls`` (default from the dataclass)."""
+    target = parser.add_argument_group(group) if group else parser
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        tp = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if tp is bool:
+            target.add_argument(option_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        elif typing.get_origin(tp) in (tuple, list):
+            inner = typing.get_args(tp)[0]
+            target.add_argument(option_name(f.name), dest=f.name, type=inner, nargs="+", default=default,
+                                help=f"{help_text} (default: {default})")
+        else:
+            target.add_argument(option_name(f.name), dest=f.name, type=tp, default=default,
+                                help=f"{help_text} (default: {default})")
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build ``cls`` from the parsed options that ``add_options`` added."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    for f in dataclasses.fields(cls):
+        if f.name in values and isinstance(values[f.name], list):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def _convert(tp: Any, text: str) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null"):
+            return None
+        tp = _base_type(tp)
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, not {text!r}")
+    if typing.get_origin(tp) in (tuple, list):
+        inner = typing.get_args(tp)[0]
+        return tuple(inner(x) for x in text.split(",") if x)
+    return tp(text)
+
+
+def parse_assignments(cls: type, assignments: list[str], *, owner: str = "") -> dict[str, Any]:
+    """``["key=value", ...]`` -> typed keyword arguments for dataclass ``cls``; unknown keys and
+    values of the wrong type raise :class:`~efface.errors.InputError` listing what is valid."""
+    from efface.errors import InputError
+
+    hints = typing.get_type_hints(cls)
+    valid = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise InputError(f"--set {item!r}: write key=value")
+        if key not in valid:
+            raise InputError(f"{owner or cls.__name__} has no option {key!r}; valid options: "
+                             f"{', '.join(valid) or 'none'}")
+        try:
+            out[key] = _convert(valid[key], value.strip())
+        except (TypeError, ValueError) as err:
+            raise InputError(f"--set {key}={value}: {err}") from err
+    return out
+
+
+def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) of every field of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        tp = hints[f.name]
+        rows.append((f.name, getattr(tp, "__name__", str(tp)), default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,221 @@
+"""The erasure API: a request, a method (config dataclass + class + registration), an erased model.
+
+A method subclasses :class:`ErasureMethod`, declares its ``Config`` dataclass, its paper and the
+model families it supports, and implements ``_fit``, which may change the pipeline's UNet / text
+encoder parameters in place. :meth:`ErasureMethod.fit` validates everything first, seeds, times the
+run, then collects the changed parameters into an :class:`~efface.artifacts.ErasedModel` and
+restores the pipeline: the base model is never left modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import random
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Generic, TypeVar
+
+import numpy as np
+import torch
+
+from efface.artifacts import FORMAT, ErasedModel, base_fingerprint, base_hash
+from efface.errors import InputError
+from efface.models.params import named_parameters
+from efface.models.text import check_fits, model_family
+from efface.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ErasureRequest:
+    """What to erase (``concepts``), what each is mapped to (``anchors``, one per concept; "" is
+    the empty prompt) and what must stay as it was (``preserve``)."""
+
+    concepts: tuple[str, ...]
+    anchors: tuple[str, ...]
+    preserve: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, concepts: str | list[str] | tuple[str, ...], anchor: str | list[str] | None = None,
+              preserve: str | list[str] | tuple[str, ...] = (), *, default_anchor: str = "") -> ErasureRequest:
+        """Normalise user input; ``anchor`` is one string for all concepts or one per concept."""
+        concepts = (concepts,) if isinstance(concepts, str) else tuple(concepts)
+        preserve = (preserve,) if isinstance(preserve, str) else tuple(preserve)
+        if not concepts:
+            raise InputError("no concept to erase: give at least one, e.g. concepts=['circle']")
+        if anchor is None:
+            anchors = (default_anchor,) * len(concepts)
+        elif isinstance(anchor, str):
+            anchors = (anchor,) * len(concepts)
+        else:
+            anchors = tuple(anchor)
+            if len(anchors) != len(concepts):
+                raise InputError(f"{len(anchors)} anchors for {len(concepts)} concepts: give one anchor, "
+                                 "or one per concept")
+        clean = tuple(c.strip() for c in concepts)
+        if not all(clean) or not all(p.strip() for p in preserve):
+            raise InputError("empty concept: give a word or phrase, e.g. 'circle'")
+        overlap = set(clean) & {p.strip() for p in preserve}
+        if overlap:
+            raise InputError(f"{sorted(overlap)} both erased and preserved: remove them from preserve")
+        return cls(clean, tuple(a.strip() for a in anchors), tuple(p.strip() for p in preserve))
+
+    def validate(self, tokenizer) -> None:
+        """Refuse empty concepts and concepts, anchors or preserved concepts the tokenizer truncates."""
+        for c in self.concepts:
+            check_fits(tokenizer, c, "concept")
+        for p in self.preserve:
+            check_fits(tokenizer, p, "preserved concept")
+        for a in self.anchors:
+            if a:
+                check_fits(tokenizer, a, "anchor")
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. Subclasses add the paper's hyper-parameters, documented.
+
+    Field defaults are the paper's / official code's. ``PRESETS`` maps a preset name to field
+    overrides; ``"toy"`` is the documented CPU-sized schedule for toy-sd (fewer iterations...).
+    """
+
+    PRESETS: ClassVar[dict[str, dict]] = {}
+
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+class ErasureMethod(ABC, Generic[C]):
+    """Base class of erasure methods: ``method = UCE(erase_scale=1.0); erased = method.fit(pipe, request)``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    paper: ClassVar[str] = ""  # "Title (Venue Year), arXiv id"
+    families: ClassVar[frozenset[str]] = frozenset({"sd"})
+    default_anchor: ClassVar[str] = ""
+    parameter_set: ClassVar[str] = "all"  # the named set (efface.models.params) it may change
+    preserves: ClassVar[bool] = False  # whether request.preserve enters the method's objective
+
+    def __init__(self, config: C | None = None, *, preset: str | None = None, **overrides):
+        valid = [f.name for f in dataclasses.fields(self.Config)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise InputError(f"{self.name} has no option {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}")
+        presets = {"paper": {}, "toy": {}, **self.Config.PRESETS}  # "toy" = "paper" unless the method says
+        if preset is not None and preset not in presets:
+            raise InputError(f"{self.name} has no preset {preset!r}; valid presets: {', '.join(presets)}")
+        self.preset = preset or "paper"
+        overrides = {**presets[self.preset], **overrides}
+        base = config if config is not None else self.Config()
+        try:
+            self.config: C = dataclasses.replace(base, **overrides)  # type: ignore[assignment]
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{self.name}: {err}") from err
+
+    def check(self, pipe, request: ErasureRequest) -> None:
+        """Everything that can be checked before work starts."""
+        family = model_family(pipe)
+        if family not in self.families:
+            raise InputError(f"{self.name} supports {', '.join(sorted(self.families))} models, not {family}")
+        request.validate(pipe.tokenizer)
+
+    @abstractmethod
+    def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
+        """Change the erased parameters of ``pipe`` in place."""
+
+    def fit(self, pipe, request: ErasureRequest, *, seed: int = 0, progress: bool = True) -> ErasedModel:
+        """Fit the erasure; the pipeline is left as it was, the result holds the changed tensors."""
+        self.check(pipe, request)
+        fingerprint, digest = base_fingerprint(pipe), base_hash(pipe)
+        before = {f"{c}.{n}": p.detach().to("cpu", copy=True) for c, n, p in named_parameters(pipe)}  # off-GPU copy
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            self._fit(pipe, request, generator, progress)
+            seconds = time.perf_counter() - start
+            changed = {}
+            with torch.no_grad():
+                for c, n, p in named_parameters(pipe):
+                    key = f"{c}.{n}"
+                    if not torch.equal(p.detach().cpu(), before[key]):
+                        if not torch.isfinite(p).all():
+                            raise FloatingPointError(f"{self.name}: parameter {key} became non-finite; nothing was saved")
+                        changed[key] = p.detach().cpu().clone()
+        finally:
+            with torch.no_grad():
+                for c, n, p in named_parameters(pipe):
+                    p.copy_(before[f"{c}.{n}"])
+                    p.requires_grad_(False)
+        manifest = {
+            "format": FORMAT,
+            "method": self.name,
+            "paper": self.paper,
+            "config": asdict(self.config),
+            "preset": self.preset,
+            "request": asdict(request),
+            "seed": seed,
+            "base": {"reference": getattr(pipe, "efface_source", type(pipe).__name__), "sha256": digest,
+                     "family": model_family(pipe), "dtype": str(pipe.unet.dtype).removeprefix("torch.")},
+            "efface_version": _version(),
+            "torch_version": torch.__version__,
+            "platform": platform.platform(),
+            "seconds": round(seconds, 3),
+            "peak_memory_mb": _peak_memory_mb(),
+            "tensors_changed": len(changed),
+            "parameters_changed": int(sum(v.numel() for v in changed.values())),
+        }
+        manifest = json.loads(json.dumps(manifest, default=str))  # exactly what save/load round-trips
+        log.info("%s: %d tensors (%d parameters) changed in %.1f s", self.name, len(changed),
+                 manifest["parameters_changed"], seconds)
+        return ErasedModel(changed, manifest, fingerprint)
+
+
+def _version() -> str:
+    from efface import __version__
+
+    return __version__
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def register_method(name: str):
+    """Class decorator: register an :class:`ErasureMethod` under ``name`` (sets ``cls.name``)."""
+
+    def decorator(cls):
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return decorator
+
+
+def erase(pipe, method: str, concepts, *, anchor=None, preserve=(), seed: int = 0, progress: bool = True,
+          preset: str | None = None, **config) -> ErasedModel:
+    """Erase ``concepts`` from ``pipe`` with the registered ``method``; options go to its Config.
+
+    ``preset="toy"`` selects the method's CPU-sized schedule for toy-sd (default: the paper's).
+
+    >>> erased = erase(pipe, "uce", ["circle"], preserve=["square"], seed=0)   # doctest: +SKIP
+    >>> erased.apply(pipe)                                                       # doctest: +SKIP
+    """
+    import efface.methods  # noqa: F401  (registers the methods)
+
+    cls = METHODS.get(method)
+    instance = cls(preset=preset, **config)
+    request = ErasureRequest.build(concepts, anchor, preserve, default_anchor=cls.default_anchor)
+    return instance.fit(pipe, request, seed=seed, progress=progress)

@@ -1,0 +1,1 @@
+"""Loading pipelines and, as methods arrive, selecting their parameters and hooking them."""

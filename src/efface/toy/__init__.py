@@ -1,0 +1,11 @@
+"""The toy world (shapes x colours x styles), toy-sd and the toy classifier.
+
+``efface.toy.world`` holds the vocabulary and captions, ``efface.toy.draw`` the image generator,
+``efface.toy.train`` the training recipe of the bundled weights (``efface toy train``).
+"""
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).parent / "weights"
+TOY_SD = WEIGHTS / "toy-sd"
+CLASSIFIER = WEIGHTS / "classifier"

@@ -1,0 +1,66 @@
+"""A CLIP BPE tokenizer for the toy vocabulary, written offline as ``vocab.json`` + ``merges.txt``.
+
+Every printable ASCII character is a token both mid-word (``c``) and word-final (``c</w>``), so any
+text tokenizes; each toy word gets the chain of merges that makes it a single token, as common
+words are in the real CLIP vocabulary.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+from efface.toy.world import vocabulary
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 24
+CHARS = string.ascii_lowercase + string.digits + "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary (token -> id; BOS=0, EOS=PAD=1) and ordered merges for ``words``."""
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    for c in CHARS:
+        vocab.setdefault(c, len(vocab))
+    for c in CHARS:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in sorted(words, key=len):
+        # Add merges until BPE (lowest-rank pair first) turns the word into one token; new merges
+        # rank after every existing one, so they never change how earlier words are split.
+        while len(pieces := _bpe(word, {m: r for r, m in enumerate(merges)})) > 1:
+            merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+    return vocab, merges
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def write_tokenizer(directory: str | Path) -> CLIPTokenizer:
+    """Write the toy tokenizer (vocab.json, merges.txt, tokenizer.json) into ``directory`` and load it back through transformers."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = [w for w in vocabulary() if all(c in CHARS for c in w)]
+    vocab, merges = build_vocab(words)
+    tok = CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=EOS,
+        model_max_length=MAX_LENGTH,
+    )
+    tok.save_pretrained(directory)
+    return CLIPTokenizer.from_pretrained(directory)

@@ -1,0 +1,62 @@
+"""`efface erase`, `efface generate --erased` and `efface list methods` on a tiny real pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from efface.cli import main
+
+
+def test_erase_writes_artifact_and_generate_applies_it(tiny_sd_dir, tmp_path):
+    before = {p.name: p.read_bytes() for p in tiny_sd_dir.rglob("*.safetensors")}
+    out = tmp_path / "uce-circle"
+    assert main(["-q", "erase", "--model", str(tiny_sd_dir), "--method", "uce", "--concept", "circle",
+                 "--concept", "star", "--preserve", "square", "--set", "lamb=0.3", "--seed", "0",
+                 "--out", str(out), "--save-pipeline"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "uce" and manifest["config"]["lamb"] == 0.3
+    assert manifest["request"]["concepts"] == ["circle", "star"]
+    assert manifest["request"]["preserve"] == ["square"]
+    assert len(manifest["base"]["sha256"]) == 64 and manifest["seed"] == 0
+    assert {"efface_version", "seconds", "parameters_changed", "tensors_changed"} <= set(manifest)
+    tensors = load_file(out / "weights.safetensors")
+    assert all(".attn2.to_" in k for k in tensors)
+    # the base model on disk is untouched
+    assert before == {p.name: p.read_bytes() for p in tiny_sd_dir.rglob("*.safetensors")}
+    # --save-pipeline writes a pipeline plain diffusers loads, with the edit in it
+    from diffusers import StableDiffusionPipeline
+
+    full = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
+    key = next(iter(tensors))
+    assert torch.equal(full.unet.get_parameter(key.partition(".")[2]), tensors[key])
+
+    assert main(["-q", "generate", "--model", str(tiny_sd_dir), "--erased", str(out), "--prompt", "a circle",
+                 "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "g")]) == 0
+    assert main(["-q", "generate", "--model", str(tiny_sd_dir), "--prompt", "a circle",
+                 "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "g0")]) == 0
+    assert (tmp_path / "g" / "000.png").read_bytes() != (tmp_path / "g0" / "000.png").read_bytes()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope", "--concept", "circle"], "valid methods"),
+    (["--method", "uce", "--concept", "circle", "--set", "bogus=1"], "valid options"),
+    (["--method", "uce", "--concept", "circle", "--set", "lamb=abc"], "lamb=abc"),
+    (["--method", "uce", "--concept", ""], "empty concept"),
+    (["--method", "uce", "--concept", "circle", "--preset", "fast"], "valid presets"),
+])
+def test_erase_refuses_bad_input_before_loading(argv, message, tmp_path, caplog):
+    # the model path does not exist: these must fail on the input, before any loading
+    code = main(["erase", "--model", str(tmp_path / "no-model"), *argv, "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert message in caplog.text
+    assert not (tmp_path / "o").exists()
+
+
+def test_list_methods_shows_paper_and_options(capsys):
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    assert "uce" in out and "arXiv 2308.14761" in out and "--set lamb=0.5" in out
