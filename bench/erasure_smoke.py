@@ -21,7 +21,7 @@ import time
 
 import efface.methods  # noqa: F401  (registers the methods)
 from efface import load_pipeline
-from efface.generate import GenerationConfig
+from efface.sampling import GenerationConfig
 from efface.registry import METHODS
 from efface.toy import CLASSIFIER
 from efface.toy.classifier import ToyClassifier

@@ -13,7 +13,7 @@ import argparse
 import time
 
 from efface import load_pipeline
-from efface.generate import GenerationConfig
+from efface.sampling import GenerationConfig
 from efface.toy import CLASSIFIER
 from efface.toy.classifier import ToyClassifier
 from efface.toy.quality import labelled_prompts, toy_accuracy

@@ -10,7 +10,7 @@ import pytest
 
 from efface.cli import main
 from efface.errors import InputError
-from efface.generate import GenerationConfig, make_grid
+from efface.sampling import GenerationConfig, make_grid
 from efface.toy import TOY_SD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +93,12 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     assert f"pip install {install} &&" in readme
     test_cmd = re.search(r"^(python -m pytest.*)$", ci, re.M).group(1)
     assert f"```bash\n{test_cmd}\n```" in readme
+
+
+@pytest.mark.skipif(not (TOY_SD / "model_index.json").exists(), reason="bundled toy-sd not present")
+def test_readme_python_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert len(namespace["images"]) == 4

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import efface.methods  # noqa: F401
-from efface.generate import GenerationConfig
+from efface.sampling import GenerationConfig
 from efface.methods import erase
 from efface.registry import METHODS
 from efface.toy import CLASSIFIER

@@ -19,10 +19,10 @@ __version__ = "0.1.0"
 
 _API = {
     "load_pipeline": "efface.models.loading",
-    "generate": "efface.generate",
-    "generate_many": "efface.generate",
-    "make_grid": "efface.generate",
-    "GenerationConfig": "efface.generate",
+    "generate": "efface.sampling",
+    "generate_many": "efface.sampling",
+    "make_grid": "efface.sampling",
+    "GenerationConfig": "efface.sampling",
 }
 __all__ = ["__version__", *_API]
 

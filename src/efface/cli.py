@@ -38,7 +38,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from efface.generate import GenerationConfig, describe, generate, save_images
+    from efface.sampling import GenerationConfig, describe, generate, save_images
 
     gen = cfg.from_args(GenerationConfig, args)  # validates before the model is loaded
     pipe = _load(args)
@@ -104,7 +104,7 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from efface import __version__
-    from efface.generate import GenerationConfig
+    from efface.sampling import GenerationConfig
     from efface.toy.recipe import ToyRecipe
 
     common = argparse.ArgumentParser(add_help=False)

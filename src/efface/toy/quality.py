@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from efface.generate import GenerationConfig, generate_many
+from efface.sampling import GenerationConfig, generate_many
 from efface.toy.classifier import ToyClassifier, images_to_tensor
 from efface.toy.world import AXES, axis_of, caption, prompts_for, random_scene
 
