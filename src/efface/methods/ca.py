@@ -90,7 +90,7 @@ class CAConfig(MethodConfig):
 
     # toy-sd on 2 CPU cores: about 1 min. Fewer, faster anchor samples; a larger step for a small model.
     PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 200, "lr": 2e-4, "batch_size": 16, "num_anchor_images": 128, "anchor_steps": 20},
+        "toy": {"iterations": 400, "lr": 2e-3, "batch_size": 16, "num_anchor_images": 128, "anchor_steps": 20},
     }
 
     def __post_init__(self) -> None:

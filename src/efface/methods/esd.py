@@ -66,10 +66,11 @@ class ESDConfig(MethodConfig):
     sample_with: str = field(default="trained", metadata={"help": "model that samples x_t: 'trained' (paper, "
                                                                    "CompVis code) or 'frozen' (esd_sd.py)"})
 
-    # toy-sd on 2 CPU cores: about 1.5 min for esd-x. A small model trained at lr 1e-3 needs a larger
-    # step than SD; a batch of 8 x_t per iteration averages the noisy single-sample gradient.
+    # toy-sd on 2 CPU cores: about 75 s each. A small model trained at lr 1e-3 needs a larger step
+    # than SD; a batch of 8 x_t per iteration averages the noisy single-sample gradient; negative
+    # guidance 3 (the strength lever: esd-u / esd-all then also erase the unseen synonyms).
     PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 150, "lr": 2e-4, "batch_size": 8, "ddim_steps": 20},
+        "toy": {"iterations": 150, "lr": 2e-4, "batch_size": 8, "ddim_steps": 20, "negative_guidance": 3.0},
     }
 
     def __post_init__(self) -> None:
