@@ -60,3 +60,10 @@ def test_list_methods_shows_paper_and_options(capsys):
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
     assert "uce" in out and "arXiv 2308.14761" in out and "--set lamb=0.5" in out
+
+
+def test_erase_without_quiet_shows_progress(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "esd"
+    assert main(["erase", "--model", str(tiny_sd_dir), "--method", "esd-x", "--concept", "circle",
+                 "--set", "iterations=2", "--set", "ddim_steps=2", "--seed", "0", "--out", str(out)]) == 0
+    assert (out / "manifest.json").exists() and "esd-x" in capsys.readouterr().err

@@ -153,7 +153,8 @@ def test_ca_noise_variant_needs_no_frozen_model(pipe, monkeypatch):
 def test_ca_prompts_swap_the_anchor_for_the_concept(pipe):
     pairs = prompt_pairs("grumpy cat", "cat", "object")
     assert ("a picture of a grumpy cat", "a picture of a cat") in pairs and ("grumpy cat", "cat") in pairs
-    assert {a for _, a in prompt_pairs("circle", "", "object")} == {""}
+    assert {a for _, a in prompt_pairs("circle", "", "object")} == {"", "a", "a picture of a", "an image of a"}
+    assert ("a red circle", "a red") in prompt_pairs("circle", "", "object", templates=("a red {}",))
     assert ("a painting, in the style of van gogh", "a painting") in prompt_pairs("van gogh", "painting", "style")
     limit = pipe.tokenizer.model_max_length
     word = "circle " * (limit - 4)  # fits alone, not inside the longer templates

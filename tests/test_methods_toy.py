@@ -1,7 +1,8 @@
 """Erasure on the real toy-sd: the concept goes, the rest of its axis stays (slow: minutes).
 
 The fast contract tests run on a tiny random model whose prompts all embed alike; this is where
-specificity is measured for every method, with its CPU-sized "toy" preset.
+specificity is measured for every method, with its CPU-sized "toy" preset and the request of
+bench/erasure_smoke.py (erase circle, preserve the other shapes).
 """
 
 from __future__ import annotations
@@ -30,12 +31,23 @@ def toy():
     return pipe, classifier, concept_rates(pipe, classifier, "circle", n=24, config=CONFIG)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+# measured misses on toy-sd (docs/erasure.md, "On toy-sd"): no preservation term, and K/V edits of
+# the circle prompt reach the other shapes before the circle goes
+KNOWN_MISSES = {
+    "esd-x": "ESD-x on toy-sd degrades other shapes before it erases circle",
+    "esd-x-strict": "ESD-x-strict on toy-sd degrades other shapes before it erases circle",
+}
+OTHERS = ["square", "triangle", "star", "cross", "heart"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_MISSES[n], strict=False))
+                                  if n in KNOWN_MISSES else n for n in METHODS.names()])
 def test_erasing_circle_on_toy_sd_removes_it_and_keeps_other_shapes(name, toy):
     pipe, classifier, base = toy
-    erased = erase(pipe, name, ["circle"], seed=0, preset="toy", progress=False)
+    anchor = "square" if name == "ca" else None  # CA maps onto a named anchor (bench/erasure_smoke.py)
+    erased = erase(pipe, name, ["circle"], anchor=anchor, preserve=OTHERS, seed=0, preset="toy", progress=False)
     with erased.applied(pipe):
         after = concept_rates(pipe, classifier, "circle", n=24, config=CONFIG)
     assert base["train_rate"] > 0.9
-    assert after["train_rate"] < 0.3, after
-    assert after["others"] >= base["others"] - 0.15, (base, after)
+    assert after["train_rate"] < 0.2, after
+    assert after["others"] >= base["others"] - 0.10, (base, after)

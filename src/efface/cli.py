@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    verbose = args.verbose = getattr(args, "verbose", False)  # -v / -q may come before or after the command
+    quiet = args.quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:  # transformers' import-time notices (e.g. torchvision fallbacks) are noise here

@@ -86,6 +86,19 @@ class MethodConfig:
 
     PRESETS: ClassVar[dict[str, dict]] = {}
 
+    def check_choices(self, **choices: tuple) -> None:
+        """Refuse a field whose value is not one of its ``choices`` (``tokens=("last", "all")``)."""
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise InputError(f"{name} must be one of {', '.join(map(str, valid))}, not {getattr(self, name)!r}")
+
+    def check_templates(self, *names: str) -> None:
+        """Refuse prompt templates (fields ``names``) without exactly one ``{}`` slot."""
+        for name in names:
+            bad = [t for t in getattr(self, name) if t.count("{}") != 1]
+            if bad:
+                raise InputError(f"every template of {name} needs exactly one '{{}}' for the concept: {bad}")
+
 
 C = TypeVar("C", bound=MethodConfig)
 

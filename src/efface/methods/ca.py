@@ -39,8 +39,9 @@ Differences from the official code, and why:
   the paper's objective matches the *original* anchor distribution, and the official code's stop-
   gradient prediction of the model being trained approximates it while saving a copy;
   ``target_model="current"`` reproduces the official code;
-* anchor prompts are fixed templates instead of captions written by ChatGPT / Llama or retrieved
-  from LAION: no language model in the loop, and the run is deterministic;
+* anchor prompts are fixed templates (``templates``) instead of captions written by ChatGPT / Llama
+  or retrieved from LAION: no language model in the loop, and the run is deterministic; the toy
+  preset uses the toy world's training contexts ("a red {}", ...), its stand-in for captions;
 * anchor latents are kept as sampled: the official code decodes them to JPEG files and re-encodes
   them with the VAE, with random crops, rescaling ("a far away", "zoomed in") and flips. That
   augmentation, and its loss mask, are left out.
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.prompts import TOY_CONTEXTS, fill
 from efface.models.diffusion import ddim_scheduler, frozen_copy, random_index, sample_to, train_steps, trainable
 from efface.models.text import encode, token_count
 
@@ -85,20 +87,21 @@ class CAConfig(MethodConfig):
                                                                          "noise loss (0: off)"})
     parameters: str = field(default="xattn_kv", metadata={"help": "'xattn_kv' (official cross-attn) or "
                                                                    "'all' (official full-weight)"})
+    templates: tuple[str, ...] = field(default=OBJECT_TEMPLATES, metadata={"help": "prompt templates, '{}' is "
+                                                                               "the concept or anchor"})
     target_model: str = field(default="frozen", metadata={"help": "model-based target from the 'frozen' "
                                                                    "original or the 'current' model"})
 
     # toy-sd on 2 CPU cores: about 1 min. Fewer, faster anchor samples; a larger step for a small model.
     PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 400, "lr": 2e-3, "batch_size": 16, "num_anchor_images": 128, "anchor_steps": 20},
+        "toy": {"iterations": 400, "lr": 2e-3, "batch_size": 16, "num_anchor_images": 128, "anchor_steps": 20,
+                "templates": TOY_CONTEXTS},
     }
 
     def __post_init__(self) -> None:
-        choices = {"variant": ("model", "noise"), "concept_type": ("object", "style"),
-                   "parameters": ("xattn_kv", "all"), "target_model": ("frozen", "current")}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise InputError(f"{name} must be one of {', '.join(valid)}, not {getattr(self, name)!r}")
+        self.check_choices(variant=("model", "noise"), concept_type=("object", "style"),
+                           parameters=("xattn_kv", "all"), target_model=("frozen", "current"))
+        self.check_templates("templates")
         for name in ("iterations", "batch_size", "num_anchor_images", "anchor_steps"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -106,13 +109,15 @@ class CAConfig(MethodConfig):
             raise InputError("lr must be > 0; weight_decay and regularization_weight >= 0")
 
 
-def prompt_pairs(concept: str, anchor: str, concept_type: str, tokenizer=None) -> list[tuple[str, str]]:
+def prompt_pairs(concept: str, anchor: str, concept_type: str, tokenizer=None,
+                 templates: tuple[str, ...] = OBJECT_TEMPLATES) -> list[tuple[str, str]]:
     """(target prompt, anchor prompt) pairs for one concept; pairs the tokenizer would truncate are
-    dropped. ``anchor == ""``: the anchor prompt is "" and the target prompts are the templates."""
+    dropped. Objects: each template filled with the concept and with the anchor ("a picture of a"
+    for the anchor ""); styles: the concept added to each anchor prompt (just "" for the anchor "")."""
     if concept_type == "object":
-        pairs = [(t.format(concept), t.format(anchor) if anchor else "") for t in OBJECT_TEMPLATES]
+        pairs = [(fill(t, concept), fill(t, anchor)) for t in templates]
     else:
-        anchors = [t.format(anchor) for t in OBJECT_TEMPLATES] if anchor else [""]
+        anchors = [fill(t, anchor) for t in templates] if anchor else [""]
         pairs = [(s.format(p=a, c=concept).strip(" ,"), a) for a in anchors for s in STYLE_TEMPLATES]
     if tokenizer is not None:
         limit = tokenizer.model_max_length
@@ -151,7 +156,7 @@ class ConceptAblation(ErasureMethod[CAConfig]):
         if request.preserve:
             log.info("ca: preserved concepts are not used (regularisation uses the anchor prompts)")
         pairs = [p for c, a in zip(request.concepts, request.anchors)
-                 for p in prompt_pairs(c, a, cfg.concept_type, pipe.tokenizer)]
+                 for p in prompt_pairs(c, a, cfg.concept_type, pipe.tokenizer, cfg.templates)]
         unet = pipe.unet
         frozen = frozen_copy(unet) if cfg.variant == "model" and cfg.target_model == "frozen" else None
         which = torch.arange(cfg.num_anchor_images) % len(pairs)  # the pair of each anchor image

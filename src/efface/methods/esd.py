@@ -70,7 +70,7 @@ class ESDConfig(MethodConfig):
     # than SD; a batch of 8 x_t per iteration averages the noisy single-sample gradient; negative
     # guidance 3 (the strength lever: esd-u / esd-all then also erase the unseen synonyms).
     PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 150, "lr": 2e-4, "batch_size": 8, "ddim_steps": 20, "negative_guidance": 3.0},
+        "toy": {"iterations": 150, "lr": 1.5e-4, "batch_size": 8, "ddim_steps": 20, "negative_guidance": 3.0},
     }
 
     def __post_init__(self) -> None:
@@ -79,8 +79,7 @@ class ESDConfig(MethodConfig):
                 raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, not {self.lr}")
-        if self.sample_with not in ("trained", "frozen"):
-            raise InputError(f"sample_with must be 'trained' or 'frozen', not {self.sample_with!r}")
+        self.check_choices(sample_with=("trained", "frozen"))
 
 
 def esd_target(e_0: torch.Tensor, e_p: torch.Tensor, negative_guidance: float) -> torch.Tensor:

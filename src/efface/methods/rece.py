@@ -33,7 +33,8 @@ defaults; ``scripts/art.sh`` guides artists to "art"); objects easy for UCE 1 ep
 checkpoints (``--target_ckpt``) come from the first UCE code release (copied as
 ``erase_methods/train_uce.py``): erase and preserve scale 1 (as their names say), lamb 0.5, keys
 from the concept's last word to the end of the sequence (efface ``uce`` with ``tokens="all"``):
-the ``uce_*`` options. The derivation is ``utils/embedding_calculation/close_form_emb.py``
+the ``uce_*`` options (``uce_expand_prompts``, ``uce_templates`` and ``uce_guide_context`` as
+efface ``uce``'s ``expand_prompts``, ``templates`` and ``guide_context``). The derivation is ``utils/embedding_calculation/close_form_emb.py``
 (``close_form_emb_regzero``), the edit ``erase_methods/uce.py`` (``edit_model_adversarial``).
 
 Differences from the official code, and why:
@@ -60,12 +61,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.methods.uce import UCE, concept_keys
+from efface.methods.prompts import TOY_CONTEXTS
+from efface.methods.uce import OBJECT_TEMPLATES, UCE
 from efface.models.params import select
 from efface.models.text import encode
 
@@ -88,7 +91,21 @@ class RECEConfig(MethodConfig):
     uce_lamb: float = field(default=0.5, metadata={"help": "lamb of the initial UCE edit"})
     uce_tokens: str = field(default="all", metadata={"help": "tokens of the initial UCE edit: 'all' (the UCE "
                                                               "release RECE started from) or 'last'"})
+    uce_expand_prompts: bool = field(default=False, metadata={"help": "initial UCE edit: also each concept in "
+                                                                       "every template of uce_templates"})
+    uce_templates: tuple[str, ...] = field(default=OBJECT_TEMPLATES, metadata={"help": "templates of "
+                                                                                   "uce_expand_prompts"})
+    uce_guide_context: str = field(default="bare", metadata={"help": "initial UCE edit: expanded prompts map to "
+                                                                      "the 'bare' guide or the guide in 'template'"})
     solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for every solve"})
+
+    # toy-sd: the initial UCE edit as efface uce's toy preset (the toy world's contexts), and guide
+    # values from the original weights: with the official "current" ones, each round brings the
+    # circle back on toy-sd (docs/erasure.md, "RECE on toy-sd").
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "toy": {"uce_expand_prompts": True, "uce_templates": TOY_CONTEXTS, "uce_guide_context": "template",
+                "guide_values": "original"},
+    }
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -98,12 +115,9 @@ class RECEConfig(MethodConfig):
         if min(self.erase_scale, self.preserve_scale, self.lamb, self.uce_erase_scale, self.uce_preserve_scale,
                self.uce_lamb) < 0:
             raise InputError("erase_scale, preserve_scale, lamb and the uce_* scales must be >= 0")
-        if self.guide_values not in ("current", "original"):
-            raise InputError(f"guide_values must be 'current' or 'original', not {self.guide_values!r}")
-        if self.uce_tokens not in ("last", "all"):
-            raise InputError(f"uce_tokens must be 'last' or 'all', not {self.uce_tokens!r}")
-        if self.solve_dtype not in ("float32", "float64"):
-            raise InputError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
+        self.check_choices(guide_values=("current", "original"), uce_tokens=("last", "all"),
+                           uce_guide_context=("bare", "template"), solve_dtype=("float32", "float64"))
+        self.check_templates("uce_templates")
 
 
 @torch.no_grad()
@@ -143,9 +157,10 @@ class RECE(ErasureMethod[RECEConfig]):
     parameter_set = "xattn_kv"
     preserves = True
 
-    def _editor(self, *, erase_scale: float, preserve_scale: float, lamb: float, tokens: str = "last") -> UCE:
+    def _editor(self, *, erase_scale: float, preserve_scale: float, lamb: float, tokens: str = "last",
+                **expansion) -> UCE:
         return UCE(erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb, tokens=tokens,
-                   solve_dtype=self.config.solve_dtype)
+                   solve_dtype=self.config.solve_dtype, **expansion)
 
     def derive(self, pipe, concepts: list[torch.Tensor], originals: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """For each concept embedding (T x d), the embedding c' that makes the current K/V
@@ -164,10 +179,9 @@ class RECE(ErasureMethod[RECEConfig]):
         cfg = self.config
         originals = {k: p.detach().clone() for k, p in select(pipe, self.parameter_set).items()}
         uce = self._editor(erase_scale=cfg.uce_erase_scale, preserve_scale=cfg.uce_preserve_scale, lamb=cfg.uce_lamb,
-                           tokens=cfg.uce_tokens)
-        uce.edit(pipe, concept_keys(pipe, list(request.concepts), cfg.uce_tokens),
-                 concept_keys(pipe, list(request.anchors), cfg.uce_tokens),
-                 concept_keys(pipe, list(request.preserve), cfg.uce_tokens))
+                           tokens=cfg.uce_tokens, expand_prompts=cfg.uce_expand_prompts,
+                           templates=cfg.uce_templates, guide_context=cfg.uce_guide_context)
+        uce.edit(pipe, *uce.keys(pipe, request))
         editor = self._editor(erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale, lamb=cfg.lamb)
         concepts = prompt_embeddings(pipe, list(request.concepts))
         guides = prompt_embeddings(pipe, list(request.anchors))

@@ -14,19 +14,34 @@ Defaults are those of the official code (``trainscripts/uce_sd_erase.py``): ``er
 ``preserve_scale=1``, ``lamb=0.5``, one embedding per concept taken at its last token; the guide
 defaults to "" (objects; use "art" for artists). ``tokens="all"`` instead uses every token from the
 concept's last word to the end of the padded sequence, as the paper's first code release did.
-``expand_prompts`` adds the official code's template prompts ("image of {c}", ...).
+``expand_prompts`` also edits each concept inside every template of ``templates`` (default the
+official code's object templates, "image of {}", ...), the key taken at the concept's last token
+in that context, and preserves each preserved concept in the same templates.
+
+Differences from the official code (``--expand_prompts``), and why:
+
+* the official code extends the *preserved* list with the *erased* concept's templates (it zips
+  erased concepts with preserved ones), so that erase and preserve terms cancel; efface expands
+  each preserved concept into the templates, the evident intent;
+* expanded prompts map to the bare guide in the official code (``guide_context="bare"``, the
+  default); ``guide_context="template"`` maps "image of circle" to "image of" instead, so that the
+  context words keep their values;
+* keys sit at the concept's last token in every template, not at the prompt's last token, so
+  templates may continue after the concept ("a {} on a plain background").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.models.params import select
-from efface.models.text import encode
+from efface.methods.prompts import TOY_CONTEXTS, fill, word_end
+from efface.models.text import encode, token_count
 
 OBJECT_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
 
@@ -38,42 +53,59 @@ class UCEConfig(MethodConfig):
     lamb: float = field(default=0.5, metadata={"help": "weight of the stay-close-to-W_old term (lambda)"})
     tokens: str = field(default="last", metadata={"help": "'last' concept token (official code) or 'all' "
                                                            "tokens from it to the end of the sequence"})
-    expand_prompts: bool = field(default=False, metadata={"help": "also edit template prompts of each concept"})
+    expand_prompts: bool = field(default=False, metadata={"help": "also edit (and preserve) each concept in "
+                                                                   "every template of 'templates'"})
+    templates: tuple[str, ...] = field(default=OBJECT_TEMPLATES, metadata={"help": "templates of expand_prompts, "
+                                                                               "'{}' is the concept"})
+    guide_context: str = field(default="bare", metadata={"help": "expanded prompts map to the 'bare' guide "
+                                                                  "(official) or to the guide in the same 'template'"})
     solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for the solve"})
 
+    # toy-sd: each concept in the toy world's training contexts ("a red {}", ...), guided to the same
+    # context without it, other concepts preserved in those contexts (docs/erasure.md, "UCE on toy-sd").
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "toy": {"expand_prompts": True, "templates": TOY_CONTEXTS, "guide_context": "template"},
+    }
+
     def __post_init__(self) -> None:
-        if self.tokens not in ("last", "all"):
-            raise InputError(f"tokens must be 'last' or 'all', not {self.tokens!r}")
-        if self.solve_dtype not in ("float32", "float64"):
-            raise InputError(f"solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
+        self.check_choices(tokens=("last", "all"), guide_context=("bare", "template"),
+                           solve_dtype=("float32", "float64"))
+        self.check_templates("templates")
         if self.lamb < 0 or self.erase_scale < 0 or self.preserve_scale < 0:
             raise InputError("lamb, erase_scale and preserve_scale must be >= 0")
 
 
-def concept_keys(pipe, prompts: list[str], tokens: str) -> list[torch.Tensor]:
+def concept_keys(pipe, prompts: list[str], tokens: str, ends: list[int] | None = None) -> list[torch.Tensor]:
     """Text embeddings used as UCE keys: per prompt, an (n x d) matrix of token embeddings.
 
-    ``"last"``: the last token before the end-of-text token (for "" that is the start token);
-    ``"all"``: that token and every later one up to the padded length.
+    ``"last"``: the concept's last token (``ends[i]``; default the last token before the
+    end-of-text token, for "" the start token); ``"all"``: that token and every later one up to
+    the padded length.
     """
     if not prompts:
         return []
     emb = encode(pipe, prompts).float()
-    lengths = [len(pipe.tokenizer(p).input_ids) for p in prompts]  # with start and end tokens
-    out = []
-    for e, n in zip(emb, lengths):
-        last = n - 2
-        out.append(e[last : last + 1] if tokens == "last" else e[last:])
-    return out
+    if ends is None:
+        ends = [len(pipe.tokenizer(p).input_ids) - 2 for p in prompts]  # minus start and end tokens
+    return [e[i : i + 1] if tokens == "last" else e[i:] for e, i in zip(emb, ends)]
 
 
-def _pairs(request: ErasureRequest, expand: bool) -> tuple[list[str], list[str]]:
-    erase, guide = list(request.concepts), list(request.anchors)
-    if expand:
-        for c, g in zip(request.concepts, request.anchors):
-            erase += [t.format(c) for t in OBJECT_TEMPLATES]
-            guide += [t.format(g).strip() if g else "" for t in OBJECT_TEMPLATES]
-    return erase, guide
+def in_context(tokenizer, words: list[str], templates: tuple[str, ...],
+               guides: list[str] | None = None, guide_template: bool = True) -> tuple[list, list, list, list]:
+    """Each word alone and in every template (pairs the tokenizer would truncate are left out),
+    with the index of the word's last token in each prompt; with ``guides`` (one per word), the
+    row-aligned guide prompts: the guide in the same template, or bare (``guide_template=False``)."""
+    prompts, ends, g_prompts, g_ends = [], [], [], []
+    for i, w in enumerate(words):
+        for t in ("{}", *templates):
+            gt = t if guide_template else "{}"
+            texts = [fill(t, w)] + ([fill(gt, guides[i])] if guides is not None else [])
+            if max(token_count(tokenizer, x) for x in texts) > tokenizer.model_max_length:
+                continue
+            prompts.append(texts[0]), ends.append(word_end(tokenizer, t, w))
+            if guides is not None:
+                g_prompts.append(texts[1]), g_ends.append(word_end(tokenizer, gt, guides[i]))
+    return prompts, ends, g_prompts, g_ends
 
 
 @torch.no_grad()
@@ -131,7 +163,15 @@ class UCE(ErasureMethod[UCEConfig]):
             param.data.copy_(new.to(param.dtype))
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
-        erase, guide = _pairs(request, self.config.expand_prompts)
-        tokens = self.config.tokens
-        self.edit(pipe, concept_keys(pipe, erase, tokens), concept_keys(pipe, guide, tokens),
-                  concept_keys(pipe, list(request.preserve), tokens))
+        self.edit(pipe, *self.keys(pipe, request))
+
+    def keys(self, pipe, request: ErasureRequest) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Erase keys, guide keys (row-aligned) and preserve keys of ``request``, each concept also
+        in every template when ``expand_prompts`` is on."""
+        cfg, tok = self.config, pipe.tokenizer
+        templates = cfg.templates if cfg.expand_prompts else ()
+        erase, e_ends, guide, g_ends = in_context(tok, list(request.concepts), templates, list(request.anchors),
+                                                  guide_template=cfg.guide_context == "template")
+        preserve, p_ends, _, _ = in_context(tok, list(request.preserve), templates)
+        return (concept_keys(pipe, erase, cfg.tokens, e_ends), concept_keys(pipe, guide, cfg.tokens, g_ends),
+                concept_keys(pipe, preserve, cfg.tokens, p_ends))
