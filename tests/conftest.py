@@ -56,3 +56,14 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-sd") / "pipe"
     build_tiny_pipeline().save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped toy-sd (real weights), progress bars off; module-scoped because erasure tests
+    apply and restore edits on it."""
+    from efface import load_pipeline
+
+    pipe = load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

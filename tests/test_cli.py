@@ -91,6 +91,7 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     ci = (ROOT / ".ci" / "run").read_text()
     install = re.search(r"^python -m pip install (.+)$", ci, re.M).group(1)
     assert f"pip install {install} &&" in readme
+    assert "apt-get install -y chromium" in ci and "`apt-get install -y chromium`" in readme
     test_cmd = re.search(r"^(python -m pytest.*)$", ci, re.M).group(1)
     assert f"```bash\n{test_cmd}\n```" in readme
 

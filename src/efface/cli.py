@@ -55,6 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     import efface.methods  # noqa: F401  (registers the methods)
+    import efface.metrics  # noqa: F401  (registers the metrics)
     from efface.registry import ATTACKS, METHODS, METRICS
 
     kinds = {"methods": METHODS, "attacks": ATTACKS, "metrics": METRICS}
@@ -92,6 +93,68 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from efface.evaluation import EvalConfig, check_concepts, evaluate
+    from efface.io import atomic_file
+
+    config = cfg.from_args(EvalConfig, args)
+    check_concepts(args.concept)  # before loading anything
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    erased = None
+    if args.erased:
+        from efface.artifacts import ErasedModel
+
+        erased = ErasedModel.load(args.erased)
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    result = evaluate(pipe, args.concept, erased=erased, config=config, seed=args.seed)
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    e, u = result["effectiveness"], result["utility"]
+    print(f"{args.out}: target rate {e['target_rate']:.3f}, synonyms {_fmt(e['synonym_rate'])}, held-out "
+          f"{e['heldout_rate']:.3f}; retained accuracy {_fmt(u['retained_accuracy'])}, "
+          f"Frechet distance {_fmt(u['frechet_distance'])}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from efface.benchmark.grid import BenchConfig, bench_and_report
+    from efface.evaluation import EvalConfig
+
+    bench, evaluation = cfg.from_args(BenchConfig, args), cfg.from_args(EvalConfig, args)
+    bench.method_list(), bench.concept_list()  # unknown method or concept: fail before loading
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    table, report = bench_and_report(pipe, args.out, bench, evaluation, seed=args.seed, progress=not args.quiet)
+    print(table)
+    print(report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from efface.benchmark.demo import DemoConfig
+    from efface.benchmark.grid import bench_and_report
+
+    demo = cfg.from_args(DemoConfig, args)
+    bench = demo.bench()
+    bench.method_list(), bench.concept_list()
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    table, report = bench_and_report(pipe, args.out, bench, demo.evaluation(), seed=args.seed,
+                                     progress=not args.quiet, options=demo.options(),
+                                     title=f"efface demo: erasing '{demo.concept}' from toy-sd")
+    print(table)
+    print(f"report: {report}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def cmd_toy_train(args: argparse.Namespace) -> int:
     from efface.toy.recipe import ToyRecipe
     from efface.toy.train import train_toy
@@ -104,6 +167,9 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from efface import __version__
+    from efface.benchmark.demo import DemoConfig
+    from efface.benchmark.grid import BenchConfig
+    from efface.evaluation import EvalConfig
     from efface.sampling import GenerationConfig
     from efface.toy.recipe import ToyRecipe
 
@@ -150,6 +216,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a complete diffusers pipeline (out/pipeline) with the edit applied")
     _add_model_options(p)
     p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("eval", help="evaluate a base or erased toy-sd model; writes eval.json",
+                       description="Effectiveness (is the concept gone, also under synonyms and held-out "
+                                   "paraphrases), utility (other concepts, image drift), cost and provenance.")
+    p.add_argument("--erased", help="an erasure artifact directory (default: evaluate the base model)")
+    p.add_argument("--concept", action="append", required=True, help="erased concept (repeat for several)")
+    p.add_argument("--seed", type=int, default=0, help="image i of each prompt group uses seed + i (default: 0)")
+    p.add_argument("--out", required=True, help="output JSON file (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    cfg.add_options(p, EvalConfig, group="evaluation")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="run the method x concept grid; writes results.json, table.md, report.html",
+                       description="Erase every concept with every method (and several concepts at once), "
+                                   "evaluate each cell, fill the comparison table and write the report. Finished "
+                                   "cells are cached in --out: rerun the same command to resume.")
+    p.add_argument("--seed", type=int, default=0, help="seed of every erasure and evaluation (default: 0)")
+    p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
+    cfg.add_options(p, BenchConfig, group="grid")
+    cfg.add_options(p, EvalConfig, group="evaluation")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="erase a toy concept with UCE and ESD, evaluate, write the report (~2 min)",
+                       description="The two-minute tour: erase a toy concept with UCE and ESD on toy-sd, evaluate "
+                                   "both against the base model, print the table and write report.html.")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    cfg.add_options(p, DemoConfig, group="demo")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("list", help="list registered methods, attacks and metrics")
     p.add_argument("kind", nargs="?", choices=["methods", "attacks", "metrics"], help="only this kind")

@@ -24,6 +24,7 @@ import torch
 
 from efface.artifacts import FORMAT, ErasedModel, base_fingerprint, base_hash
 from efface.errors import InputError
+from efface.models.diffusion import count_unet_evaluations
 from efface.models.params import named_parameters
 from efface.models.text import check_fits, model_family
 from efface.registry import METHODS
@@ -154,7 +155,8 @@ class ErasureMethod(ABC, Generic[C]):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            self._fit(pipe, request, generator, progress)
+            with count_unet_evaluations() as unet_evaluations:
+                self._fit(pipe, request, generator, progress)
             seconds = time.perf_counter() - start
             changed = {}
             with torch.no_grad():
@@ -184,6 +186,7 @@ class ErasureMethod(ABC, Generic[C]):
             "platform": platform.platform(),
             "seconds": round(seconds, 3),
             "peak_memory_mb": _peak_memory_mb(),
+            "unet_evaluations": unet_evaluations.value,
             "tensors_changed": len(changed),
             "parameters_changed": int(sum(v.numel() for v in changed.values())),
         }

@@ -1,5 +1,6 @@
 """Metrics (effectiveness, utility, cost) behind one registry; see :mod:`efface.metrics.base`."""
 
 from efface.metrics.base import Metric, register_metric
+from efface.metrics import toy  # noqa: F401  (registers concept-rate, image-drift)
 
 __all__ = ["Metric", "register_metric"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from diffusers import DDIMScheduler
@@ -139,3 +140,31 @@ def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Pa
     if losses:
         log.info("%s: loss %.4g -> %.4g over %d iterations", name, losses[0], losses[-1], len(losses))
     return losses
+
+
+class UNetCount:
+    """Number of UNet evaluations (one per sample in a batch) seen by :func:`count_unet_evaluations`."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+@contextmanager
+def count_unet_evaluations():
+    """Count, inside the block, every sample passed through any diffusers UNet (the pipeline's own,
+    frozen copies, sampling and training): ``with count_unet_evaluations() as n: ...; n.value``.
+    The forward hook is torch's module-level one, removed when the block ends."""
+    from diffusers import UNet2DConditionModel
+
+    count = UNetCount()
+
+    def hook(module, args, kwargs, output):
+        if isinstance(module, UNet2DConditionModel):
+            sample = args[0] if args else kwargs.get("sample")
+            count.value += int(sample.shape[0]) if sample is not None else 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()

@@ -124,10 +124,12 @@ def caption(scene: Scene, rng: random.Random, split: str = "train", *, with_word
     return (text, named, words) if with_words else (text, named)
 
 
-def prompts_for(concept: str, split: str = "train", *, rng: random.Random, n: int) -> list[str]:
+def prompts_for(concept: str, split: str = "train", *, rng: random.Random, n: int,
+                words: tuple[str, ...] | None = None) -> list[str]:
     """``n`` captions that name ``concept`` (canonical) using ``split``'s words and templates.
 
     The other axes are drawn at random; templates that omit the concept's axis are skipped.
+    ``words``: the words that may name ``concept`` (default: its synonyms in ``split``).
     """
     axis = axis_of(concept)
     slot = {"shape": "{s}", "colour": "{c}", "style": "{t}"}[axis]
@@ -135,12 +137,10 @@ def prompts_for(concept: str, split: str = "train", *, rng: random.Random, n: in
     out = []
     for _ in range(n):
         scene = random_scene(rng, **{axis: concept})
-        words = {
-            "s": rng.choice(synonyms(scene.shape, split)),
-            "c": rng.choice(synonyms(scene.colour, split)),
-            "t": rng.choice(synonyms(scene.style, split)),
-        }
-        out.append(rng.choice(templates).format(**words))
+        words_of = {a: words if a == axis and words else synonyms(getattr(scene, a), split) for a in AXES}
+        fill = {"s": rng.choice(words_of["shape"]), "c": rng.choice(words_of["colour"]),
+                "t": rng.choice(words_of["style"])}
+        out.append(rng.choice(templates).format(**fill))
     return out
 
 

@@ -1,0 +1,1 @@
+"""The benchmark: the method x concept grid, the comparison table and the HTML report."""
