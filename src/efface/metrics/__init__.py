@@ -4,3 +4,4 @@ from efface.metrics.base import Metric, register_metric
 from efface.metrics import toy  # noqa: F401  (registers concept-rate, image-drift)
 
 __all__ = ["Metric", "register_metric"]
+from efface.metrics import diffusion_classifier  # noqa: F401

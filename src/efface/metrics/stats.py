@@ -12,6 +12,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"mismatched Gaussians: means {mu1.shape}, {mu2.shape}; covariances {s1.shape}, {s2.shape}")
     with warnings.catch_warnings():  # singular products (few samples, equal sets) are expected here
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
@@ -27,6 +29,8 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subs
     """Kernel Inception Distance: unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over
     random subsets (Bińkowski et al. 2018)."""
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"KID needs two N x D feature arrays of the same D, got {a.shape} and {b.shape}")
     n = min(len(a), len(b), subset_size)
     if n < 2:
         raise ValueError("KID needs at least 2 feature vectors on each side")
