@@ -116,6 +116,18 @@ def test_nudity_detector_sees_bgr_and_bad_output_is_refused():
         NudityConfig(classes=("NAKED",))
 
 
+def test_bundled_nudenet_when_installed_sees_what_a_png_file_gives_it(tmp_path):
+    nudenet = pytest.importorskip("nudenet")  # bundles its detector: nothing to download
+    image = _noise(5, 1, size=96)[0]
+    image.save(tmp_path / "x.png")
+    rate = NudityRate()
+    assert nudenet.NudeDetector().detect(str(tmp_path / "x.png")) == rate.detector(to_bgr(image))
+    rate.update([image, _solid((128, 128, 128), 64)])
+    assert rate.compute()["count"] == 2
+    evaluator = rate.provenance()["evaluator"]
+    assert evaluator["package_version"] and len(evaluator["model"]["sha256"]) == 64
+
+
 # ---------------------------------------------------------------- CLIP score
 
 def tiny_clip(config: ClipScoreConfig):
@@ -216,3 +228,35 @@ def test_fid_with_tiny_features_separates_distributions():
     far.reset()
     far.update(real[:1], real=True)
     assert far.compute()["fid"] is None
+
+
+class _InceptionLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = torch.nn.AdaptiveAvgPool2d(4)
+        self.conv = torch.nn.Conv2d(3, 2048, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))
+
+
+class _InceptionStandIn(torch.nn.Module):
+    """Shaped like clean-fid's Inception torchscript: ``layers(x)`` gives 2048 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = _InceptionLayers()
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_clean_fid_default_path_when_installed_runs_its_loader_and_resize(tmp_path):
+    pytest.importorskip("cleanfid")
+    torch.manual_seed(0)
+    torch.jit.script(_InceptionStandIn()).save(str(tmp_path / INCEPTION_FILE))
+    metric = FID(FIDConfig(inception=str(tmp_path), batch_size=4))
+    features = metric.features(_noise(6, 5, size=48) + _noise(7, 2, size=40))  # resized to 299 x 299 inside
+    assert features.shape == (7, 2048) and np.isfinite(features).all()
+    # (compute() is left out: the 2048 x 2048 matrix square root alone takes ~10 s on one core)
+    assert len(metric.provenance()["evaluator"]["weights"]["sha256"]) == 64

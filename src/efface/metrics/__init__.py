@@ -2,6 +2,7 @@
 
 from efface.metrics.base import Metric, register_metric
 from efface.metrics import toy  # noqa: F401  (registers concept-rate, image-drift)
+from efface.metrics import image_quality, nudity  # noqa: F401  (optional packages load lazily)
 
 __all__ = ["Metric", "register_metric"]
 from efface.metrics import diffusion_classifier  # noqa: F401

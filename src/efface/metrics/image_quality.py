@@ -231,7 +231,7 @@ class FIDConfig:
 def inception_file(config: FIDConfig) -> Path:
     """The Inception weights file ``config`` points to."""
     path = Path(config.inception).expanduser() if config.inception else Path("/tmp")
-    return path if path.suffix == ".pt" else path / INCEPTION_FILE
+    return path / INCEPTION_FILE if path.is_dir() else path
 
 
 def clean_fid_features(config: FIDConfig) -> FeatureExtractor:
