@@ -8,7 +8,8 @@ Expected (issue 3): circle rate < 0.20 for every method, other shapes within 10 
 Every method gets the same request: erase the concept; preserve the other concepts of its axis
 (used by the methods with a preservation term, UCE and RECE, as in their papers; ignored, with a
 log line, by the others); anchor: the method's default, except for CA, whose paper always maps the
-target onto a named anchor concept: the first other concept of the axis ("square" for "circle"). (With the empty anchor CA can only bring the circle
+target onto a named anchor concept: the first other concept of the axis ("square" for "circle").
+The request is the benchmark's own (`efface.benchmark.grid.request_for`). (With the empty anchor CA can only bring the circle
 rate down to that of toy-sd's shape-less prompts, "a red" and the like: 22%.)
 Each method runs in its own subprocess so that its peak memory is its own.
 
@@ -26,16 +27,14 @@ import time
 
 import efface.methods  # noqa: F401  (registers the methods)
 from efface import load_pipeline
+from efface.benchmark.grid import request_for
 from efface.sampling import GenerationConfig
 from efface.registry import METHODS
 from efface.toy import CLASSIFIER
 from efface.toy.classifier import ToyClassifier
 from efface.toy.quality import concept_rates
-from efface.toy.world import AXES, axis_of
 
 CONFIG = GenerationConfig(steps=25, guidance=7.5, batch_size=48)
-# methods whose paper always names an anchor concept: they get the axis' first other concept
-NAMED_ANCHOR = {"ca"}
 
 
 def _pipe():
@@ -48,10 +47,9 @@ def child(method: str, concept: str, n: int, seed: int) -> None:
     from efface.methods import erase
 
     pipe = _pipe()
+    request = request_for(method, [concept])  # the benchmark's request: preserve the axis, CA's named anchor
     start = time.perf_counter()
-    others = [c for c in AXES[axis_of(concept)] if c != concept]
-    anchor = others[0] if method in NAMED_ANCHOR else None  # None: the method's default
-    erased = erase(pipe, method, [concept], anchor=anchor, preserve=others, seed=seed, preset="toy", progress=False)
+    erased = erase(pipe, method, [concept], seed=seed, preset="toy", progress=False, **request)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     erased.apply(pipe)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 import efface.methods  # noqa: F401
+from efface.benchmark.grid import request_for
 from efface.sampling import GenerationConfig
 from efface.methods import erase
 from efface.registry import METHODS
@@ -37,15 +38,14 @@ KNOWN_MISSES = {
     "esd-x": "ESD-x on toy-sd degrades other shapes before it erases circle",
     "esd-x-strict": "ESD-x-strict on toy-sd degrades other shapes before it erases circle",
 }
-OTHERS = ["square", "triangle", "star", "cross", "heart"]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_MISSES[n], strict=False))
                                   if n in KNOWN_MISSES else n for n in METHODS.names()])
 def test_erasing_circle_on_toy_sd_removes_it_and_keeps_other_shapes(name, toy):
     pipe, classifier, base = toy
-    anchor = "square" if name == "ca" else None  # CA maps onto a named anchor (bench/erasure_smoke.py)
-    erased = erase(pipe, name, ["circle"], anchor=anchor, preserve=OTHERS, seed=0, preset="toy", progress=False)
+    request = request_for(name, ["circle"])  # as bench/erasure_smoke.py: preserve the other shapes, CA -> square
+    erased = erase(pipe, name, ["circle"], seed=0, preset="toy", progress=False, **request)
     with erased.applied(pipe):
         after = concept_rates(pipe, classifier, "circle", n=24, config=CONFIG)
     assert base["train_rate"] > 0.9

@@ -30,6 +30,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="allow pickle checkpoints (.ckpt/.bin/.pt/.pth); they can run arbitrary code")
 
 
+def _refuse_existing(args: argparse.Namespace) -> None:
+    """``--out`` must not exist unless ``--overwrite`` (checked before any work)."""
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+
+
 def _load(args: argparse.Namespace):
     from efface.models.loading import load_pipeline
 
@@ -82,8 +88,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     preset = args.preset or ("toy" if args.model == "toy" else "paper")
     method = cls(preset=preset, **cfg.parse_assignments(cls.Config, args.set or [], owner=args.method))
     request = ErasureRequest.build(args.concept, args.anchor, args.preserve or (), default_anchor=cls.default_anchor)
-    if (Path(args.out).exists() and not args.overwrite):
-        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    _refuse_existing(args)
     pipe = _load(args)
     erased = method.fit(pipe, request, seed=args.seed, progress=not args.quiet)
     erased.save(args.out, pipe=pipe, save_pipeline=args.save_pipeline, overwrite=args.overwrite)
@@ -101,8 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = cfg.from_args(EvalConfig, args)
     check_concepts(args.concept)  # before loading anything
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    _refuse_existing(args)
     erased = None
     if args.erased:
         from efface.artifacts import ErasedModel
@@ -120,15 +124,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from efface.benchmark.grid import BenchConfig, bench_and_report
-    from efface.evaluation import EvalConfig
+def _bench(args: argparse.Namespace, bench, evaluation, **kwargs) -> tuple[str, Path]:
+    """Check the grid (unknown method or concept: fail before loading), run it, write the outputs."""
+    from efface.benchmark.grid import bench_and_report
 
-    bench, evaluation = cfg.from_args(BenchConfig, args), cfg.from_args(EvalConfig, args)
-    bench.method_list(), bench.concept_list()  # unknown method or concept: fail before loading
+    bench.method_list(), bench.concept_list()
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
-    table, report = bench_and_report(pipe, args.out, bench, evaluation, seed=args.seed, progress=not args.quiet)
+    return bench_and_report(pipe, args.out, bench, evaluation, seed=args.seed, progress=not args.quiet, **kwargs)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from efface.benchmark.grid import BenchConfig
+    from efface.evaluation import EvalConfig
+
+    table, report = _bench(args, cfg.from_args(BenchConfig, args), cfg.from_args(EvalConfig, args))
     print(table)
     print(report)
     return 0
@@ -136,16 +146,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from efface.benchmark.demo import DemoConfig
-    from efface.benchmark.grid import bench_and_report
 
     demo = cfg.from_args(DemoConfig, args)
-    bench = demo.bench()
-    bench.method_list(), bench.concept_list()
-    pipe = _load(args)
-    pipe.set_progress_bar_config(disable=True)
-    table, report = bench_and_report(pipe, args.out, bench, demo.evaluation(), seed=args.seed,
-                                     progress=not args.quiet, options=demo.options(),
-                                     title=f"efface demo: erasing '{demo.concept}' from toy-sd")
+    table, report = _bench(args, demo.bench(), demo.evaluation(), options=demo.options(),
+                           title=f"efface demo: erasing '{demo.concept}' from toy-sd")
     print(table)
     print(f"report: {report}")
     return 0

@@ -19,16 +19,17 @@ judges them with the toy classifier and returns the ``eval.json`` dictionary:
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from efface.errors import InputError
+from efface.metrics.stats import mean_defined
 from efface.metrics.toy import ConceptRate, ImageDrift, toy_classifier
 from efface.models.text import encode
 from efface.sampling import GenerationConfig, generate_many
@@ -85,11 +86,17 @@ def _groups(concepts: list[str], config: EvalConfig, seed: int) -> tuple[list[Gr
     return effect, utility
 
 
+@functools.cache
+def _words_of(axis: str) -> tuple[tuple[str, str], ...]:
+    """(word, canonical concept) for every synonym on ``axis``, longest words first."""
+    words = {w: c for c, (train, held) in SYNONYMS.items() if axis_of(c) == axis for w in train + held}
+    return tuple(sorted(words.items(), key=lambda kv: -len(kv[0])))
+
+
 def _named(prompt: str, axis: str) -> str | None:
     """The canonical concept a prompt names on ``axis`` (None if it names none)."""
-    words = {w: c for c, (train, held) in SYNONYMS.items() if axis_of(c) == axis for w in train + held}
-    hits = [c for w, c in sorted(words.items(), key=lambda kv: -len(kv[0])) if f" {w} " in f" {prompt.replace(',', ' ')} "]
-    return hits[0] if hits else None
+    padded = f" {prompt.replace(',', ' ')} "
+    return next((c for w, c in _words_of(axis) if f" {w} " in padded), None)
 
 
 def _nearest(pipe, concept_list: list[str], candidates: list[str], k: int) -> list[str]:
@@ -99,11 +106,6 @@ def _nearest(pipe, concept_list: list[str], candidates: list[str], k: int) -> li
     target = torch.nn.functional.normalize(emb[: len(concept_list)], dim=-1).mean(0)
     sims = torch.nn.functional.normalize(emb[len(concept_list):], dim=-1) @ target
     return [candidates[i] for i in sims.argsort(descending=True)[:k].tolist()]
-
-
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and not np.isnan(v)]
-    return float(np.mean(values)) if values else None
 
 
 def check_concepts(concepts: str | list[str]) -> list[str]:
@@ -179,7 +181,7 @@ def _effectiveness(rates: ConceptRate, groups: list[Group], images: dict, concep
     found = rates.compute()
     keys = {"target_rate": "target", "synonym_rate": "synonyms", "heldout_rate": "heldout"}
     per = {c: {k: found.get(f"{c}/{kind}") for k, kind in keys.items()} for c in concepts}
-    return {**{k: _mean([r[k] for r in per.values()]) for k in keys}, "per_concept": per}
+    return {**{k: mean_defined([r[k] for r in per.values()]) for k in keys}, "per_concept": per}
 
 
 def _utility(pipe, rates: ConceptRate, drift: ImageDrift, groups: list[Group], images: dict, base: dict,
@@ -198,10 +200,10 @@ def _utility(pipe, rates: ConceptRate, drift: ImageDrift, groups: list[Group], i
     per = {g.concept: found[g.name] for g in groups}
     nearest = _nearest(pipe, concepts, list(per), config.nearest)
     return {
-        "retained_accuracy": _mean(list(per.values())),
+        "retained_accuracy": mean_defined(list(per.values())),
         "per_concept": per,
         "nearest": {c: per[c] for c in nearest},
-        "nearest_accuracy": _mean([per[c] for c in nearest]),
+        "nearest_accuracy": mean_defined([per[c] for c in nearest]),
         "other_axes_accuracy": {k.removeprefix("axis:"): v for k, v in found.items()
                                 if k.startswith("axis:") and v is not None},
         **drift.compute(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+from efface.metrics.stats import mean_defined
 
 COLUMNS = (
     ("method", "method"),
@@ -32,18 +32,13 @@ COLUMNS = (
 )
 
 
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
 def _multi(cell: dict | None) -> tuple[float | None, float | None] | None:
     if cell is None:
         return None
     u = cell["utility"]
     retained = u["retained_accuracy"]
     if retained is None:  # the whole axis erased: the other axes stand in
-        retained = _mean(list(u["other_axes_accuracy"].values()))
+        retained = mean_defined(list(u["other_axes_accuracy"].values()))
     return cell["effectiveness"]["target_rate"], retained
 
 
@@ -61,20 +56,20 @@ def rows(cells: list[dict[str, Any]], multi_sets: dict[str, list[str]] | None = 
         robust = [v.get("attack_success_rate") for c in single for v in c.get("robustness", {}).values()]
         out.append({
             "method": m,
-            "target_rate": _mean([x["target_rate"] for x in e]),
-            "synonym_rate": _mean([x["synonym_rate"] for x in e]),
-            "heldout_rate": _mean([x["heldout_rate"] for x in e]),
-            "retained_accuracy": _mean([x["retained_accuracy"] for x in u]),
-            "other_axes_accuracy": _mean([_mean(list(x["other_axes_accuracy"].values())) for x in u]),
-            "frechet_distance": _mean([x["frechet_distance"] for x in u]),
-            "robustness": _mean(robust),
+            "target_rate": mean_defined([x["target_rate"] for x in e]),
+            "synonym_rate": mean_defined([x["synonym_rate"] for x in e]),
+            "heldout_rate": mean_defined([x["heldout_rate"] for x in e]),
+            "retained_accuracy": mean_defined([x["retained_accuracy"] for x in u]),
+            "other_axes_accuracy": mean_defined([mean_defined(list(x["other_axes_accuracy"].values())) for x in u]),
+            "frechet_distance": mean_defined([x["frechet_distance"] for x in u]),
+            "robustness": mean_defined(robust),
             "multi_1": _multi(by_name.get(f"{m}__{first}")) if first else None,
             "multi_3": _multi(by_name.get(f"{m}__multi-3")),
             "multi_all": _multi(by_name.get(f"{m}__multi-all")),
-            "seconds": _mean([x["seconds"] for x in cost]),
-            "peak_memory_mb": _mean([x["peak_memory_mb"] for x in cost]),
-            "unet_evaluations": _mean([x["unet_evaluations"] for x in cost]),
-            "parameters_changed": _mean([x["parameters_changed"] for x in cost]),
+            "seconds": mean_defined([x["seconds"] for x in cost]),
+            "peak_memory_mb": mean_defined([x["peak_memory_mb"] for x in cost]),
+            "unet_evaluations": mean_defined([x["unet_evaluations"] for x in cost]),
+            "parameters_changed": mean_defined([x["parameters_changed"] for x in cost]),
         })
     return out
 

@@ -32,7 +32,7 @@ from efface.errors import InputError
 from efface.metrics.base import Metric, images_to_tensor, register_metric
 from efface.metrics.real import (batches, factory_name, package_version, require_module, require_weights, summary,
                                  weights_provenance)
-from efface.metrics.stats import frechet_distance, kid
+from efface.metrics.stats import feature_frechet_distance, kid
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,7 @@ class FID(Metric):
         if len(x) < 2 or len(y) < 2:
             log.warning("FID needs at least 2 generated and 2 real images (have %d and %d)", len(x), len(y))
             return result
-        fd = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
-        result["fid"] = max(0.0, fd)
+        result["fid"] = feature_frechet_distance(x, y)
         size = min(len(x), len(y), self.config.kid_subset_size)
         result["kid"] = kid(x, y, subsets=self.config.kid_subsets, subset_size=size, seed=self.config.seed)
         return result

@@ -24,6 +24,18 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+def feature_frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Fréchet distance between two sets of feature vectors (rows), from their means and
+    covariances; clamped at 0 (the matrix square root can leave a tiny negative)."""
+    return max(0.0, frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)))
+
+
+def mean_defined(values) -> float | None:
+    """Mean of the values that are neither None nor NaN; None if there are none."""
+    kept = [v for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(kept)) if kept else None
+
+
 def kid(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> float:
     """Kernel Inception Distance: unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over

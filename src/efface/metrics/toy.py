@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from efface.metrics.base import Metric, file_sha256, images_to_tensor, register_metric
-from efface.metrics.stats import frechet_distance, kid
+from efface.metrics.stats import feature_frechet_distance, kid
 
 
 def toy_classifier():
@@ -105,9 +105,8 @@ class ImageDrift(Metric):
         if not self.features:
             return {"frechet_distance": None, "kid": None, "paired_distance": None}
         x, y = np.concatenate(self.features), np.concatenate(self.reference)
-        fd = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
         return {
-            "frechet_distance": max(0.0, float(fd)),
+            "frechet_distance": feature_frechet_distance(x, y),
             "kid": float(kid(x, y, subsets=self.kid_subsets, subset_size=min(len(x), self.kid_subset_size),
                              seed=self.seed)) if len(x) > 1 else None,
             "paired_distance": float(np.mean(self.paired)),
