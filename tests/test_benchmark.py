@@ -91,6 +91,27 @@ def test_cli_bench_writes_table_and_self_contained_report(tmp_path, capsys):
     assert (out / "table.md").read_text().startswith("# efface benchmark")
 
 
+def test_cli_bench_with_attacks_fills_the_robustness_column(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["-q", "bench", "--model", "toy", "--methods", "uce", "--concepts", "circle", "--no-multi-concept",
+                 "--n", "2", "--n-other", "1", "--steps", "4", "--kid-subsets", "2", "--attacks",
+                 "no-attack,synonyms", "--attack-prompts", "3", "--out", str(out)]) == 0
+    cell = json.loads((out / "cells" / "uce__circle.json").read_text())
+    assert set(cell["robustness"]) == {"no-attack", "synonyms"}
+    robust = cell["robustness"]
+    assert robust["no-attack"]["asr"] == robust["no-attack"]["pre_asr"] == robust["synonyms"]["pre_asr"]
+    assert robust["synonyms"]["n"] == 3 and robust["synonyms"]["asr"] >= robust["synonyms"]["pre_asr"]
+    assert json.loads((out / "cells" / "base__circle.json").read_text())["robustness"] == {}
+    table = (out / "table.md").read_text()
+    assert "## Robustness" in table and "synonyms ASR" in table
+    assert "<h2>Robustness</h2>" in (out / "report.html").read_text()
+
+
+def test_cli_bench_refuses_unknown_attack_before_loading(tmp_path, caplog):
+    assert main(["bench", "--model", str(tmp_path / "missing"), "--attacks", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown attack 'nope'" in caplog.text
+
+
 def test_cli_bench_refuses_unknown_method_before_loading(tmp_path, caplog):
     assert main(["bench", "--model", str(tmp_path / "missing"), "--methods", "uce,nope", "--out", str(tmp_path)]) == 2
     assert "unknown method 'nope'" in caplog.text

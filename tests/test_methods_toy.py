@@ -34,14 +34,7 @@ def toy():
 
 # measured misses on toy-sd (docs/erasure.md, "On toy-sd"): no preservation term, and K/V edits of
 # the circle prompt reach the other shapes before the circle goes
-KNOWN_MISSES = {
-    "esd-x": "ESD-x on toy-sd degrades other shapes before it erases circle",
-    "esd-x-strict": "ESD-x-strict on toy-sd degrades other shapes before it erases circle",
-}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_MISSES[n], strict=False))
-                                  if n in KNOWN_MISSES else n for n in METHODS.names()])
+@pytest.mark.parametrize("name", METHODS.names())
 def test_erasing_circle_on_toy_sd_removes_it_and_keeps_other_shapes(name, toy):
     pipe, classifier, base = toy
     request = request_for(name, ["circle"])  # as bench/erasure_smoke.py: preserve the other shapes, CA -> square

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import sys
 from pathlib import Path
 
 from efface import config as cfg
-from efface.errors import EffaceError
+from efface.errors import EffaceError, InputError
 
 log = logging.getLogger("efface")
 
@@ -60,6 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    import efface.attacks  # noqa: F401  (registers the attacks)
     import efface.methods  # noqa: F401  (registers the methods)
     import efface.metrics  # noqa: F401  (registers the metrics)
     from efface.registry import ATTACKS, METHODS, METRICS
@@ -128,7 +130,7 @@ def _bench(args: argparse.Namespace, bench, evaluation, **kwargs) -> tuple[str, 
     """Check the grid (unknown method or concept: fail before loading), run it, write the outputs."""
     from efface.benchmark.grid import bench_and_report
 
-    bench.method_list(), bench.concept_list()
+    bench.method_list(), bench.concept_list(), bench.attack_list()
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
     return bench_and_report(pipe, args.out, bench, evaluation, seed=args.seed, progress=not args.quiet, **kwargs)
@@ -136,12 +138,30 @@ def _bench(args: argparse.Namespace, bench, evaluation, **kwargs) -> tuple[str, 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from efface.benchmark.grid import BenchConfig
+    from efface.benchmark.protocol import ProtocolConfig
     from efface.evaluation import EvalConfig
 
-    table, report = _bench(args, cfg.from_args(BenchConfig, args), cfg.from_args(EvalConfig, args))
+    bench, evaluation, protocol = (cfg.from_args(c, args) for c in (BenchConfig, EvalConfig, ProtocolConfig))
+    if protocol.protocol:
+        table, report = _protocol_bench(args, bench, evaluation, protocol)
+    else:
+        table, report = _bench(args, bench, evaluation)
     print(table)
     print(report)
     return 0
+
+
+def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tuple[str, Path]:
+    """A real-model protocol: model path, prompt file, judges and methods checked before loading."""
+    from efface.benchmark.protocol import check_model, prepare, run_protocol_bench
+
+    protocol.spec()
+    check_model(args.model)
+    bench.method_list()
+    prepared = prepare(protocol)
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    return run_protocol_bench(pipe, args.out, prepared, bench, evaluation, seed=args.seed, progress=not args.quiet)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -152,6 +172,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            title=f"efface demo: erasing '{demo.concept}' from toy-sd")
     print(table)
     print(f"report: {report}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import efface.attacks  # noqa: F401  (registers the attacks)
+    from efface.registry import ATTACKS
+    from efface.robustness import attack_success, judge_for, toy_prompts
+    from efface.sampling import GenerationConfig
+
+    cls = ATTACKS.get(args.attack)  # unknown attack: the valid ones are listed
+    options = cfg.parse_assignments(cls.Config, args.set or [], owner=args.attack)
+    attack = cls(preset=args.preset or ("toy" if args.model == "toy" else None), **options)
+    gen = GenerationConfig(steps=args.steps, guidance=args.guidance)
+    _refuse_existing(args)
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    judge = judge_for(pipe, args.concept)
+    prompts = args.prompt or (toy_prompts(args.concept, args.n, args.seed) if args.model == "toy" else None)
+    if not prompts:
+        raise InputError("give the prompts to attack with --prompt (repeat for several)")
+    original = None
+    erased_pipe = pipe
+    if args.erased:
+        import copy
+
+        from efface.artifacts import ErasedModel
+
+        erased = ErasedModel.load(args.erased)
+        erased.check_base(pipe)
+        original, erased_pipe = pipe, copy.deepcopy(pipe)
+        erased.apply(erased_pipe)
+    measures, result = attack_success(attack, erased_pipe, args.concept, prompts, judge=judge, original=original,
+                                      seed=args.seed, generation=gen, progress=not args.quiet)
+    measures["erased"] = args.erased
+    measures["model"] = args.model
+    if result is None:
+        from efface.io import atomic_dir
+
+        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            (tmp / "attack.json").write_text(json.dumps(measures, indent=2))
+    else:
+        result.save(args.out, overwrite=args.overwrite, measures=measures)
+    print(f"{args.attack} on {args.concept}: pre-ASR {measures['pre_asr']:.3f}, ASR {measures['asr']:.3f} "
+          f"({measures['n']} prompts)")
+    print(Path(args.out) / "attack.json")
     return 0
 
 
@@ -173,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     from efface import __version__
     from efface.benchmark.demo import DemoConfig
     from efface.benchmark.grid import BenchConfig
+    from efface.benchmark.protocol import ProtocolConfig
     from efface.evaluation import EvalConfig
     from efface.sampling import GenerationConfig
     from efface.toy.recipe import ToyRecipe
@@ -241,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
     cfg.add_options(p, BenchConfig, group="grid")
     cfg.add_options(p, EvalConfig, group="evaluation")
+    cfg.add_options(p, ProtocolConfig, group="real-model protocol (instead of the toy grid)")
     _add_model_options(p)
     p.set_defaults(func=cmd_bench)
 
@@ -252,6 +319,26 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_options(p, DemoConfig, group="demo")
     _add_model_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("attack", help="attack an erased model: pre-ASR, ASR and the adversarial prompts",
+                       description="Run an attack against an erased model (--erased; without it, the base model) "
+                                   "on prompts that name the concept; writes attack.json (pre_asr, asr, every "
+                                   "adversarial prompt), embeddings, images and grid.png.")
+    p.add_argument("--attack", required=True, help="attack name (efface list attacks)")
+    p.add_argument("--concept", required=True, help="the erased concept to bring back")
+    p.add_argument("--erased", help="an erasure artifact directory (from efface erase); --model is its base")
+    p.add_argument("--prompt", action="append", help="a prompt to attack (repeat; default on toy-sd: --n "
+                                                     "evaluation prompts of the concept)")
+    p.add_argument("--n", type=int, default=16, help="toy-sd prompts to attack when no --prompt is given (default: 16)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an attack option (repeat for several)")
+    p.add_argument("--preset", help="'paper' (the paper's budget) or 'toy' (CPU-sized; the default with --model toy)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps of every image (default: 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack; prompt i's image uses seed + i (default: 0)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("list", help="list registered methods, attacks and metrics")
     p.add_argument("kind", nargs="?", choices=["methods", "attacks", "metrics"], help="only this kind")

@@ -106,3 +106,25 @@ def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
         tp = hints[f.name]
         rows.append((f.name, getattr(tp, "__name__", str(tp)), default, f.metadata.get("help", "")))
     return rows
+
+
+def resolve(cls: type[T], owner: str, config: T | None, preset: str | None, overrides: dict[str, Any],
+            presets: dict[str, dict]) -> tuple[T, str]:
+    """The config of a registered method or attack: ``config`` (or ``cls()``), then the preset's
+    overrides (``presets``; "paper" and "toy" always exist, empty unless given), then ``overrides``.
+    Unknown options and presets are refused with the valid ones listed. Returns (config, preset)."""
+    from efface.errors import InputError
+
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise InputError(f"{owner} has no option {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}")
+    presets = {"paper": {}, "toy": {}, **presets}  # "toy" = "paper" unless the owner says
+    if preset is not None and preset not in presets:
+        raise InputError(f"{owner} has no preset {preset!r}; valid presets: {', '.join(presets)}")
+    preset = preset or "paper"
+    base = config if config is not None else cls()
+    try:
+        return dataclasses.replace(base, **{**presets[preset], **overrides}), preset
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{owner}: {err}") from err

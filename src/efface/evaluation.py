@@ -12,7 +12,8 @@ judges them with the toy classifier and returns the ``eval.json`` dictionary:
   ``other_axes_accuracy``, and image drift between base and erased images of those prompts with
   the same seeds: ``frechet_distance`` and ``kid`` in the classifier's feature space,
   ``paired_distance`` (RMS pixel difference of same-prompt, same-seed pairs, in [0, 1]).
-* ``robustness``: per attack (empty until attacks exist); ``cost``: the erasure's wall time, peak
+* ``robustness``: per attack, filled by the benchmark (``efface bench --attacks``,
+  :func:`efface.robustness.robustness_of`); empty here. ``cost``: the erasure's wall time, peak
   memory, UNet evaluations and parameters changed (from the artifact; 0 for the base model).
 * ``provenance``: versions, evaluator and its weights' sha256, generation settings, seeds, prompts.
 """

@@ -51,14 +51,18 @@ def generate(pipe, prompt: str, config: GenerationConfig | None = None, *, seed:
 
 
 def generate_many(pipe, prompts: list[str], config: GenerationConfig | None = None, *,
-                  seed: int = 0) -> list[Image.Image]:
-    """One image per prompt; image ``i`` uses seed ``seed + i`` (``config.num_images`` is ignored)."""
+                  seed: int = 0, seeds: list[int] | None = None) -> list[Image.Image]:
+    """One image per prompt; image ``i`` uses seed ``seed + i``, or ``seeds[i]`` when ``seeds`` is
+    given (``config.num_images`` is ignored)."""
     config = config or GenerationConfig()
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     images: list[Image.Image] = []
     starts = range(0, len(prompts), config.batch_size)
     for start in tqdm(starts, desc="batches", disable=len(starts) < 2):
         chunk = prompts[start : start + config.batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(chunk)]]
         with torch.inference_mode():
             out = pipe(
                 chunk,

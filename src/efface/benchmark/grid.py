@@ -41,6 +41,20 @@ class BenchConfig:
     multi_concept: bool = field(default=True, metadata={"help": "also erase 1, 3 and all concepts of the "
                                                                 "first concept's axis at once"})
     preset: str = field(default="", metadata={"help": "method preset (default: 'toy' on toy-sd, else 'paper')"})
+    attacks: str = field(default="", metadata={"help": "comma-separated attacks run against every single-concept "
+                                                        "cell (robustness column; efface list attacks)"})
+    attack_prompts: int = field(default=8, metadata={"help": "prompts each attack tries per cell"})
+
+    def attack_list(self) -> list[str]:
+        import efface.attacks  # noqa: F401  (registers the attacks)
+        from efface.registry import ATTACKS
+
+        names = [a.strip() for a in self.attacks.split(",") if a.strip()]
+        for name in names:
+            ATTACKS.get(name)  # unknown attack: a clear error listing the valid ones
+        if names and self.attack_prompts < 1:
+            raise InputError(f"attack_prompts must be at least 1, not {self.attack_prompts}")
+        return names
 
     def method_list(self) -> list[str]:
         import efface.methods  # noqa: F401  (registers the methods)
@@ -76,11 +90,31 @@ def request_for(method: str, concepts: list[str]) -> dict[str, Any]:
     return {"preserve": preserve, "anchor": anchor}
 
 
-def _key(payload: dict) -> str:
+def cell_key(payload: dict) -> str:
+    """A short hash of everything that determines a cell's result."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _save_samples(images: dict, directory: Path) -> None:
+def cached_cell(out: Path, name: str, key: str) -> dict[str, Any] | None:
+    """The cell ``out/cells/<name>.json`` if it was written with ``key``, else None."""
+    path = out / "cells" / f"{name}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            log.info("bench: %s cached", name)
+            return cached
+    return None
+
+
+def write_cell(out: Path, cell: dict[str, Any]) -> dict[str, Any]:
+    """Write ``cell`` to ``out/cells/<name>.json`` atomically; returns it."""
+    with atomic_file(out / "cells" / f"{cell['name']}.json") as tmp:
+        tmp.write_text(json.dumps(cell, indent=2))
+    return cell
+
+
+def save_samples(images: dict, directory: Path) -> None:
+    """The first :data:`SAMPLES` images of every group as one grid PNG, ``<side>__<group>.png``."""
     from efface.sampling import make_grid
 
     with atomic_dir(directory, overwrite=True) as tmp:
@@ -91,19 +125,19 @@ def _save_samples(images: dict, directory: Path) -> None:
 
 
 def run_cell(pipe, out: Path, name: str, method: str | None, concepts: list[str], *, preset: str,
-             config: EvalConfig, seed: int, base_ref: str, options: dict | None = None) -> dict[str, Any]:
+             config: EvalConfig, seed: int, base_ref: str, options: dict | None = None,
+             attacks: list[str] | None = None, attack_prompts: int = 8) -> dict[str, Any]:
     """Erase (unless ``method`` is None: the base model) and evaluate one cell; cached by key.
-    ``options``: method options on top of the preset."""
+    ``options``: method options on top of the preset; ``attacks``: run against the erased model
+    (single-concept cells) to fill ``robustness``."""
     options = options or {}
-    key = _key({"method": method, "concepts": concepts, "preset": preset, "eval": asdict(config), "seed": seed,
-                "model": base_ref, "request": request_for(method, concepts) if method else None,
-                "options": options})
-    path = out / "cells" / f"{name}.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            log.info("bench: %s cached", name)
-            return cached
+    attacks = attacks if method is not None and len(concepts) == 1 else []
+    key = cell_key({"method": method, "concepts": concepts, "preset": preset, "eval": asdict(config), "seed": seed,
+                    "model": base_ref, "request": request_for(method, concepts) if method else None,
+                    "options": options, **({"attacks": attacks, "attack_prompts": attack_prompts} if attacks else {})})
+    cached = cached_cell(out, name, key)
+    if cached is not None:
+        return cached
     erased = None
     if method is not None:
         from efface.methods import erase
@@ -112,11 +146,13 @@ def run_cell(pipe, out: Path, name: str, method: str | None, concepts: list[str]
                        **request_for(method, concepts), **options)
     images: dict = {}
     result = evaluate(pipe, concepts, erased=erased, config=config, seed=seed, images_out=images)
-    _save_samples(images, out / "images" / name)
-    cell = {"key": key, "name": name, "method": method or "base", "concepts": concepts, **result}
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(cell, indent=2))
-    return cell
+    if attacks:
+        from efface.robustness import robustness_of
+
+        result["robustness"] = robustness_of(pipe, erased, concepts[0], attacks, n=attack_prompts, seed=seed,
+                                             generation=config.generation())
+    save_samples(images, out / "images" / name)
+    return write_cell(out, {"key": key, "name": name, "method": method or "base", "concepts": concepts, **result})
 
 
 def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_config: EvalConfig | None = None,
@@ -126,6 +162,7 @@ def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_con
     options = options or {}
     config, eval_config, out = config or BenchConfig(), eval_config or EvalConfig(), Path(out)
     methods, concepts, multi = config.method_list(), config.concept_list(), config.multi_sets()
+    attacks = config.attack_list()
     preset = config.preset or ("toy" if is_toy(pipe) else "paper")
     base_ref = str(getattr(pipe, "efface_source", type(pipe).__name__))
     jobs = [(f"base__{c}", None, [c]) for c in concepts]
@@ -135,7 +172,8 @@ def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_con
     cells = []
     for name, method, cs in tqdm(jobs, desc="bench cells", disable=not progress):
         cells.append(run_cell(pipe, out, name, method, cs, preset=preset, config=eval_config, seed=seed,
-                              base_ref=base_ref, options=options.get(method or "", {})))
+                              base_ref=base_ref, options=options.get(method or "", {}), attacks=attacks,
+                              attack_prompts=config.attack_prompts))
     results = {"config": asdict(config), "eval_config": asdict(eval_config), "seed": seed, "preset": preset,
                "options": options, "model": base_ref, "multi_sets": multi, "cells": cells}
     with atomic_file(out / "results.json") as tmp:
@@ -148,11 +186,11 @@ def bench_and_report(pipe, out: str | Path, config: BenchConfig | None = None,
                      options: dict[str, dict] | None = None, title: str = "efface benchmark") -> tuple[str, Path]:
     """:func:`run_bench`, then ``table.md`` and ``report.html``; returns the table and the report's path."""
     from efface.benchmark.report import write_report
-    from efface.benchmark.table import markdown, rows
+    from efface.benchmark.table import markdown, robustness_markdown, rows
 
     results = run_bench(pipe, out, config, eval_config, seed=seed, progress=progress, options=options)
     table = rows(results["cells"], results["multi_sets"])
-    text = markdown(table, title=title)
+    text = markdown(table, title=title) + robustness_markdown(results["cells"])
     with atomic_file(Path(out) / "table.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
     return text, write_report(out, table, results["cells"], results["multi_sets"], title=title)

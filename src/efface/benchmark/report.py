@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from efface.benchmark.table import COLUMNS, fmt
+from efface.benchmark.table import COLUMNS, fmt, robustness_rows
 from efface.io import atomic_file
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
@@ -73,11 +73,19 @@ def lines_svg(series: dict[str, list[float | None]], xs: list[str], xlabel: str,
     return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">{"".join(parts)}</svg>'
 
 
-def _table_html(table: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(k, r[k]))}</td>" for k, _ in COLUMNS) + "</tr>"
+def _table_html(table: list[dict[str, Any]], columns=COLUMNS) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(k, r[k]))}</td>" for k, _ in columns) + "</tr>"
                    for r in table)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _robustness_html(cells: list[dict[str, Any]]) -> str:
+    attacks, table = robustness_rows(cells)
+    if not attacks:
+        return ""
+    columns = [("method", "method"), ("pre_asr", "pre-ASR"), *((a, f"{a} ASR ↓") for a in attacks)]
+    return f"<h2>Robustness</h2>{_table_html(table, columns)}"
 
 
 def _grids(out: Path, cells: list[dict[str, Any]]) -> str:
@@ -103,12 +111,16 @@ def _grids(out: Path, cells: list[dict[str, Any]]) -> str:
 
 
 def write_report(out: str | Path, table: list[dict[str, Any]], cells: list[dict[str, Any]],
-                 multi_sets: dict[str, list[str]], *, title: str = "efface benchmark") -> Path:
-    """Write ``out/report.html`` atomically and return its path."""
+                 multi_sets: dict[str, list[str]], *, title: str = "efface benchmark", columns=COLUMNS) -> Path:
+    """Write ``out/report.html`` atomically and return its path (``columns``: the table's)."""
     out = Path(out)
-    points = [(r["method"], r["retained_accuracy"], 1 - r["target_rate"]) for r in table
-              if r["retained_accuracy"] is not None and r["target_rate"] is not None]
-    plots = [scatter_svg(points, "retained accuracy (utility)", "1 - concept rate (effectiveness)")]
+    plots = []
+    for key, label in (("retained_accuracy", "retained accuracy (utility)"), ("paired_distance", "drift (utility, ↓)")):
+        points = [(r["method"], r[key], 1 - r["target_rate"]) for r in table
+                  if r.get(key) is not None and r["target_rate"] is not None]
+        if points:
+            plots.append(scatter_svg(points, label, "1 - concept rate (effectiveness)"))
+            break
     if multi_sets:
         xs = [f"{k} ({len(v)})" if k == "all" else k for k, v in multi_sets.items()]
         keys = [f"multi_{k}" for k in multi_sets]
@@ -118,7 +130,7 @@ def write_report(out: str | Path, table: list[dict[str, Any]], cells: list[dict[
                   lines_svg(kept, xs, "concepts erased at once", "retained accuracy")]
     doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-           f"<h2>Comparison</h2>{_table_html(table)}"
+           f"<h2>Comparison</h2>{_table_html(table, columns)}{_robustness_html(cells)}"
            f"<h2>Plots</h2><div class=\"plots\">{''.join(plots)}</div>"
            f"<h2>Images: base vs erased, same prompts and seeds</h2>{_grids(out, cells)}</body></html>")
     path = out / "report.html"

@@ -21,7 +21,7 @@ COLUMNS = (
     ("retained_accuracy", "retained acc. ↑"),
     ("other_axes_accuracy", "other axes acc. ↑"),
     ("frechet_distance", "drift (FD) ↓"),
-    ("robustness", "attack success ↓"),
+    ("robustness", "attack success (worst) ↓"),
     ("multi_1", "multi 1"),
     ("multi_3", "multi 3"),
     ("multi_all", "multi all"),
@@ -42,6 +42,40 @@ def _multi(cell: dict | None) -> tuple[float | None, float | None] | None:
     return cell["effectiveness"]["target_rate"], retained
 
 
+def worst_asr(cell: dict[str, Any]) -> float | None:
+    """The highest ASR any attack reached against the cell's erased model (None: no attack ran)."""
+    rates = [v.get("asr") for v in cell.get("robustness", {}).values() if v.get("asr") is not None]
+    return max(rates) if rates else None
+
+
+def robustness_rows(cells: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Per method: the pre-attack ASR and each attack's ASR (mean over concepts); ([], []) without attacks."""
+    attacks = list(dict.fromkeys(a for c in cells for a in c.get("robustness", {})))
+    if not attacks:
+        return [], []
+    out = []
+    for m in dict.fromkeys(c["method"] for c in cells if c.get("robustness")):
+        rs = [c["robustness"] for c in cells if c["method"] == m and c.get("robustness")]
+        row = {"method": m, "pre_asr": mean_defined([next(iter(r.values()))["pre_asr"] for r in rs])}  # same per cell
+        row.update({a: mean_defined([r[a]["asr"] for r in rs if a in r]) for a in attacks})
+        out.append(row)
+    return attacks, out
+
+
+def robustness_markdown(cells: list[dict[str, Any]]) -> str:
+    """The per-attack ASR table ("" without attacks)."""
+    attacks, table = robustness_rows(cells)
+    if not attacks:
+        return ""
+    head = "| method | pre-ASR | " + " | ".join(f"{a} ASR ↓" for a in attacks) + " |"
+    rule = "|" + "|".join("---" for _ in range(len(attacks) + 2)) + "|"
+    body = ["| " + " | ".join([r["method"], fmt("rate", r["pre_asr"]), *(fmt("rate", r[a]) for a in attacks)]) + " |"
+            for r in table]
+    legend = ("pre-ASR: fraction of the concept's prompts still showing it without attack; ASR: those plus the "
+              "prompts each attack brings back, over all prompts (UnlearnDiffAtk's definition).")
+    return "\n".join(["## Robustness", "", head, rule, *body, "", legend, ""])
+
+
 def rows(cells: list[dict[str, Any]], multi_sets: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """One row per method (base first), in the order the methods appear in ``cells``."""
     by_name = {c["name"]: c for c in cells}
@@ -53,7 +87,7 @@ def rows(cells: list[dict[str, Any]], multi_sets: dict[str, list[str]] | None = 
         e = [c["effectiveness"] for c in single]
         u = [c["utility"] for c in single]
         cost = [c["cost"] for c in single]
-        robust = [v.get("attack_success_rate") for c in single for v in c.get("robustness", {}).values()]
+        robust = [worst_asr(c) for c in single]
         out.append({
             "method": m,
             "target_rate": mean_defined([x["target_rate"] for x in e]),
@@ -89,14 +123,46 @@ def fmt(key: str, value: Any) -> str:
     return f"{value:.3f}"
 
 
-def markdown(table: list[dict[str, Any]], *, title: str = "") -> str:
+LEGEND = ("Rates are fractions of images in which the evaluator finds the erased concept (↓: lower is "
+          "better); retained acc.: accuracy on the other concepts of the axis; other axes acc.: accuracy on the "
+          "other axes (colour, style) in those images; drift: Fréchet distance between base and erased images of "
+          "unrelated prompts (classifier features); multi k: concept rate / retained accuracy when k concepts of an "
+          "axis are erased at once (all: accuracy on the other axes); cost columns: the erasure alone (mean over "
+          "concepts); –: not measured.")
+
+# The real-model protocol table (efface.benchmark.protocol).
+PROTOCOL_COLUMNS = (
+    ("method", "method"),
+    ("target_rate", "concept rate ↓"),
+    ("paired_distance", "COCO drift ↓"),
+    ("clip_score", "COCO CLIP score ↑"),
+    ("robustness", "attack success (worst) ↓"),
+    ("seconds", "seconds"),
+    ("peak_memory_mb", "peak MB"),
+    ("unet_evaluations", "UNet evals"),
+    ("parameters_changed", "params changed"),
+)
+PROTOCOL_LEGEND = ("concept rate: fraction of the protocol's prompts whose image the judge flags (nudity: NudeNet, "
+                   "an exposed class above the threshold); COCO drift: RMS pixel distance between base and erased "
+                   "images of the same COCO captions and seeds, in [0, 1]; CLIP score: erased images against their "
+                   "captions; cost columns: the erasure alone; –: not measured (no --coco / --clip-model).")
+
+
+def protocol_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell of a real-model protocol bench (one concept set per method)."""
+    out = []
+    for c in cells:
+        clip = c["utility"].get("clip_score")
+        out.append({"method": c["method"], "target_rate": c["effectiveness"]["target_rate"],
+                    "paired_distance": c["utility"].get("paired_distance"),
+                    "clip_score": clip.get("clip_score") if isinstance(clip, dict) else clip,
+                    "robustness": worst_asr(c), **{k: c["cost"].get(k) for k, _ in PROTOCOL_COLUMNS[5:]}})
+    return out
+
+
+def markdown(table: list[dict[str, Any]], *, title: str = "", columns=COLUMNS, legend: str = LEGEND) -> str:
     """The table as GitHub markdown, with a legend."""
-    head = "| " + " | ".join(label for _, label in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt(k, r[k]) for k, _ in COLUMNS) + " |" for r in table]
-    legend = ("Rates are fractions of images in which the evaluator finds the erased concept (↓: lower is "
-              "better); retained acc.: accuracy on the other concepts of the axis; other axes acc.: accuracy on the other axes (colour, style) in those images; drift: Fréchet distance "
-              "between base and erased images of unrelated prompts (classifier features); multi k: concept "
-              "rate / retained accuracy when k concepts of an axis are erased at once (all: accuracy on the "
-              "other axes); cost columns: the erasure alone (mean over concepts); –: not measured.")
+    head = "| " + " | ".join(label for _, label in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(k, r[k]) for k, _ in columns) + " |" for r in table]
     return "\n".join(([f"# {title}", ""] if title else []) + [head, rule, *body, "", legend, ""])

@@ -9,7 +9,6 @@ restores the pipeline: the base model is never left modified.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import platform
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from efface.artifacts import FORMAT, ErasedModel, base_fingerprint, base_hash
+from efface.config import resolve
 from efface.errors import InputError
 from efface.models.diffusion import count_unet_evaluations
 from efface.models.params import named_parameters
@@ -116,20 +116,8 @@ class ErasureMethod(ABC, Generic[C]):
     preserves: ClassVar[bool] = False  # whether request.preserve enters the method's objective
 
     def __init__(self, config: C | None = None, *, preset: str | None = None, **overrides):
-        valid = [f.name for f in dataclasses.fields(self.Config)]
-        unknown = sorted(set(overrides) - set(valid))
-        if unknown:
-            raise InputError(f"{self.name} has no option {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}")
-        presets = {"paper": {}, "toy": {}, **self.Config.PRESETS}  # "toy" = "paper" unless the method says
-        if preset is not None and preset not in presets:
-            raise InputError(f"{self.name} has no preset {preset!r}; valid presets: {', '.join(presets)}")
-        self.preset = preset or "paper"
-        overrides = {**presets[self.preset], **overrides}
-        base = config if config is not None else self.Config()
-        try:
-            self.config: C = dataclasses.replace(base, **overrides)  # type: ignore[assignment]
-        except (TypeError, ValueError) as err:
-            raise InputError(f"{self.name}: {err}") from err
+        self.config, self.preset = resolve(self.Config, self.name, config, preset, overrides,
+                                           self.Config.PRESETS)  # type: ignore[assignment]
 
     def check(self, pipe, request: ErasureRequest) -> None:
         """Everything that can be checked before work starts."""

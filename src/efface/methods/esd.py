@@ -33,7 +33,11 @@ Differences from the official code, and why:
 * every random draw (concept, step, x_T) comes from the seeded generator; the official code is
   unseeded;
 * an anchor other than "" replaces the empty prompt of e_0 (target ``e_a - eta (e_p - e_a)``);
-  the official code always uses "". Preserved concepts are not used: ESD has no preservation term.
+  the official code always uses "". Preserved concepts are not used: ESD has no preservation term;
+* ``templates`` (default ``("{}",)``, the bare concept as the official code) can put the concept
+  into prompt contexts, one drawn per iteration: ``c`` = ``"a red circle"``, and the anchor side
+  the same context without it (``"a red"``, or with the anchor). Only the ``toy`` presets of
+  ``esd-x`` / ``esd-x-strict`` use it (toy-sd's token states depend on the whole caption).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch.nn.functional as F
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.prompts import TOY_CONTEXTS, fill
 from efface.models.diffusion import (ddim_scheduler, frozen_copy, predict_noise, random_index, sample_to,
                                      train_steps, trainable)
 from efface.models.text import encode
@@ -65,10 +70,15 @@ class ESDConfig(MethodConfig):
                                                           "(official: 1)"})
     sample_with: str = field(default="trained", metadata={"help": "model that samples x_t: 'trained' (paper, "
                                                                    "CompVis code) or 'frozen' (esd_sd.py)"})
+    templates: tuple[str, ...] = field(default=("{}",), metadata={"help": "prompt templates, '{}' is the concept "
+                                                                          "(or anchor); one drawn per iteration "
+                                                                          "(official: the bare concept)"})
 
     # toy-sd on 2 CPU cores: about 75 s each. A small model trained at lr 1e-3 needs a larger step
     # than SD; a batch of 8 x_t per iteration averages the noisy single-sample gradient; negative
-    # guidance 3 (the strength lever: esd-u / esd-all then also erase the unseen synonyms).
+    # guidance 3 (the strength lever: esd-u / esd-all then also erase the unseen synonyms). The
+    # bare concept for esd-u / esd-all (in context their other shapes drop to 0.64); esd-x and
+    # esd-x-strict have their own toy presets below.
     PRESETS: ClassVar[dict[str, dict]] = {
         "toy": {"iterations": 150, "lr": 1.5e-4, "batch_size": 8, "ddim_steps": 20, "negative_guidance": 3.0},
     }
@@ -80,6 +90,7 @@ class ESDConfig(MethodConfig):
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, not {self.lr}")
         self.check_choices(sample_with=("trained", "frozen"))
+        self.check_templates("templates")
 
 
 def esd_target(e_0: torch.Tensor, e_p: torch.Tensor, negative_guidance: float) -> torch.Tensor:
@@ -102,16 +113,20 @@ class ESD(ErasureMethod[ESDConfig]):
         unet = pipe.unet
         frozen = frozen_copy(unet)  # theta*, the original model
         sampler = unet if cfg.sample_with == "trained" else frozen
-        with torch.no_grad():
-            concepts = encode(pipe, list(request.concepts)).to(unet.device, unet.dtype)
-            anchors = encode(pipe, list(request.anchors)).to(unet.device, unet.dtype)
+        templates = cfg.templates
+        with torch.no_grad():  # row k * len(templates) + j: concept k in template j
+            concepts = encode(pipe, [fill(t, c) for c in request.concepts for t in templates])
+            anchors = encode(pipe, [fill(t, a) for a in request.anchors for t in templates])
+            concepts, anchors = (e.to(unet.device, unet.dtype) for e in (concepts, anchors))
             empty = encode(pipe, [""]).to(unet.device, unet.dtype)
         timesteps = ddim_scheduler(pipe, cfg.ddim_steps).timesteps
         params = trainable(pipe, self.parameter_set)
         n = cfg.batch_size
 
         def loss(_: int) -> torch.Tensor:
-            k = random_index(len(request.concepts), generator)
+            k = random_index(len(request.concepts), generator) * len(templates)
+            if len(templates) > 1:
+                k += random_index(len(templates), generator)
             step = random_index(cfg.ddim_steps, generator)
             c = concepts[k : k + 1].expand(n, -1, -1)
             a = anchors[k : k + 1].expand(n, -1, -1)
@@ -125,10 +140,28 @@ class ESD(ErasureMethod[ESDConfig]):
         train_steps(loss, list(params.values()), cfg.iterations, lr=cfg.lr, name=self.name, progress=progress)
 
 
+@dataclass
+class ESDxConfig(ESDConfig):
+    # toy-sd: esd-x trains only what the prompt's tokens are projected to, and toy-sd reads a shape
+    # from every token after the shape word (docs/toy-world.md), so the concept is trained in the
+    # toy world's caption contexts ("a red circle", guided away from "a red"); the window between
+    # "circle stays" and "other shapes suffer" is narrow: lr 1e-4 leaves circle at 0.83, 1.25e-4
+    # erases it (0.13) with the others at 1.00, 2e-4 costs the others 27 points (docs/erasure.md).
+    PRESETS: ClassVar[dict[str, dict]] = {"toy": {**ESDConfig.PRESETS["toy"], "lr": 1.25e-4, "templates": TOY_CONTEXTS}}
+
+
+@dataclass
+class ESDxStrictConfig(ESDConfig):
+    # toy-sd: as esd-x, in the caption contexts; only K and V change, so a larger step (1.5e-4
+    # leaves circle at 1.00; 2.5e-4: 0.08 with the others at 0.98; 5e-4 costs the others 33 points)
+    PRESETS: ClassVar[dict[str, dict]] = {"toy": {**ESDConfig.PRESETS["toy"], "lr": 2.5e-4, "templates": TOY_CONTEXTS}}
+
+
 @register_method("esd-x")
 class ESDx(ESD):
     """ESD on every cross-attention parameter (official ``train_method='esd-x'`` / ``'xattn'``)."""
 
+    Config = ESDxConfig
     parameter_set = "xattn"
 
 
@@ -136,6 +169,7 @@ class ESDx(ESD):
 class ESDxStrict(ESD):
     """ESD on the cross-attention key / value projections only (official ``'esd-x-strict'``)."""
 
+    Config = ESDxStrictConfig
     parameter_set = "xattn_kv"
 
 

@@ -30,6 +30,12 @@ def feature_frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
     return max(0.0, frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)))
 
 
+def paired_rms(a, b) -> float:
+    """RMS pixel difference of two same-size images (PIL), in [0, 1]: the paired image drift."""
+    diff = np.asarray(a.convert("RGB"), float) - np.asarray(b.convert("RGB"), float)
+    return float(np.sqrt(np.mean(diff**2)) / 255)
+
+
 def mean_defined(values) -> float | None:
     """Mean of the values that are neither None nor NaN; None if there are none."""
     kept = [v for v in values if v is not None and not np.isnan(v)]

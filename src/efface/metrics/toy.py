@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from efface.metrics.base import Metric, file_sha256, images_to_tensor, register_metric
-from efface.metrics.stats import feature_frechet_distance, kid
+from efface.metrics.stats import feature_frechet_distance, kid, paired_rms
 
 
 def toy_classifier():
@@ -97,9 +97,7 @@ class ImageDrift(Metric):
             return
         self.features.append(self._features(images))
         self.reference.append(self._features(reference))
-        for a, b in zip(images, reference):
-            diff = np.asarray(a.convert("RGB"), float) - np.asarray(b.convert("RGB"), float)
-            self.paired.append(float(np.sqrt(np.mean(diff**2)) / 255))
+        self.paired.extend(paired_rms(a, b) for a, b in zip(images, reference))
 
     def compute(self) -> dict[str, float | None]:
         if not self.features:

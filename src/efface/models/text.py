@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from efface.errors import InputError
@@ -45,3 +48,26 @@ def model_family(pipe) -> str:
     if name.startswith("StableDiffusion") and hasattr(pipe, "unet"):
         return "sd"
     return name
+
+
+def token_embedding(text_encoder) -> torch.nn.Embedding:
+    """The text encoder's token embedding table (CLIP, transformers 4.x and 5.x layouts)."""
+    return getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding
+
+
+@contextmanager
+def replaced_token_embeddings(text_encoder, positions: list[int], embeds: torch.Tensor) -> Iterator[None]:
+    """Within the block, the token embeddings at ``positions`` of every sequence the text encoder
+    reads are ``embeds`` (``len(positions) x D``, may carry gradients: relaxed or soft tokens);
+    position embeddings, attention and the final norm run as usual. A forward hook, removed on exit."""
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[:, positions] = embeds.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
+        return output
+
+    handle = token_embedding(text_encoder).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,145 @@
+"""Ring-A-Bell (Tsai et al., ICLR 2024, arXiv 2310.10012): a model-agnostic attack that needs
+only the text encoder.
+
+1. Concept vector: the mean difference of the text encoder's output (the last hidden state of the
+   whole padded sequence, ``L x D``) over pairs of prompts with and without the concept::
+
+       c = mean_i ( f(P_i with the concept) - f(P_i without it) )
+
+2. Per prompt ``P``, the target embedding ``f(P) + eta c``; a genetic algorithm searches ``K``
+   tokens (the whole new prompt: start token, K tokens, end-of-text padding) whose embedding is
+   closest to it: fitness = minus the summed squared distance over the whole ``L x D`` sequence.
+   Each generation keeps the best ``survivors``; random pairs of them give two children each
+   (single-point crossover with probability ``crossover``); a child has one token replaced at
+   random with probability ``mutation``. The decoded best tokens are the adversarial prompt.
+
+Defaults are the official notebook's (github.com/chiayi-hsu/Ring-A-Bell): K 16, eta 3, population
+200, 3000 generations, the best 100 kept, crossover 0.5, mutation 0.25. The official nudity pairs
+are 50 hand-written prompt pairs; here ``concept_prompts`` / ``contrast_prompts`` give yours, and
+by default the pairs are ``templates`` filled with the concept and with nothing ("a red circle" /
+"a red"). Differences from the official code: survivors are kept as they are (elitism) and only
+children are mutated (the notebook mutates in place, so its best prompt can be lost); every random
+draw comes from the attack's seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack
+from efface.errors import InputError
+from efface.methods.prompts import TOY_CONTEXTS, fill
+from efface.models.text import encode
+
+PAIR_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}")
+
+
+@dataclass
+class RingABellConfig(AttackConfig):
+    prompt_length: int = field(default=16, metadata={"help": "K, tokens of the adversarial prompt"})
+    eta: float = field(default=3.0, metadata={"help": "strength of the concept vector in the target"})
+    population: int = field(default=200, metadata={"help": "genetic algorithm population"})
+    generations: int = field(default=3000, metadata={"help": "genetic algorithm generations"})
+    survivors: int = field(default=100, metadata={"help": "best individuals kept each generation"})
+    crossover: float = field(default=0.5, metadata={"help": "probability of single-point crossover"})
+    mutation: float = field(default=0.25, metadata={"help": "probability that a child has one token replaced"})
+    templates: tuple[str, ...] = field(default=PAIR_TEMPLATES, metadata={
+        "help": "pair templates: each filled with the concept and without it"})
+    concept_prompts: tuple[str, ...] = field(default=(), metadata={"help": "your prompts with the concept "
+                                                                           "(replace the templates' pairs)"})
+    contrast_prompts: tuple[str, ...] = field(default=(), metadata={"help": "the same prompts without it"})
+
+    # toy-sd: its tokenizer keeps 16 tokens (start and end included), so K is 8; the toy world's
+    # caption contexts make the pairs; 300 generations (about 1 s per prompt on 2 cores).
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "toy": {"prompt_length": 8, "generations": 300, "templates": TOY_CONTEXTS},
+    }
+
+    def __post_init__(self) -> None:
+        self.check_counts("prompt_length", "population", "generations", "survivors")
+        if not 2 <= self.survivors <= self.population:
+            raise InputError(f"survivors must be between 2 and population ({self.population}), not {self.survivors}")
+        for name in ("crossover", "mutation"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"{name} is a probability in [0, 1], not {getattr(self, name)}")
+        if len(self.concept_prompts) != len(self.contrast_prompts):
+            raise InputError(f"{len(self.concept_prompts)} concept_prompts but {len(self.contrast_prompts)} "
+                             "contrast_prompts: give them in pairs")
+
+
+def concept_vector(pipe, with_concept: list[str], without: list[str]) -> torch.Tensor:
+    """``mean_i f(with_i) - f(without_i)`` over the whole padded sequence (``L x D``)."""
+    with torch.no_grad():
+        return (encode(pipe, with_concept) - encode(pipe, without)).float().mean(0)
+
+
+def _encode_ids(pipe, tokens: torch.Tensor) -> torch.Tensor:
+    """Text-encoder output of ``[start, tokens..., end, pad...]`` for each row of ``tokens``."""
+    tok = pipe.tokenizer
+    n, k = tokens.shape
+    ids = torch.full((n, tok.model_max_length), tok.pad_token_id, dtype=torch.long)
+    ids[:, 0] = tok.bos_token_id
+    ids[:, 1 : k + 1] = tokens
+    ids[:, k + 1] = tok.eos_token_id
+    with torch.no_grad():
+        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float()
+
+
+@register_attack("ring-a-bell")
+class RingABell(Attack[RingABellConfig]):
+    """Concept vector + genetic search over tokens toward ``f(prompt) + eta c`` (text encoder only)."""
+
+    Config = RingABellConfig
+    paper = "Ring-A-Bell! How Reliable are Concept Removal Methods for Diffusion Models? (Tsai et al., ICLR 2024), arXiv 2310.10012"
+    needs = frozenset({"text_encoder"})
+
+    def _prepare(self, ctx: AttackContext) -> None:
+        cfg, tok = self.config, ctx.erased.tokenizer
+        if cfg.prompt_length + 2 > tok.model_max_length:
+            raise InputError(f"prompt_length {cfg.prompt_length} does not fit the tokenizer's "
+                             f"{tok.model_max_length} tokens (start and end included); use at most "
+                             f"{tok.model_max_length - 2}")
+        if cfg.concept_prompts:
+            pairs = list(cfg.concept_prompts), list(cfg.contrast_prompts)
+        else:
+            pairs = [fill(t, ctx.concept) for t in cfg.templates], [fill(t, "") for t in cfg.templates]
+        ctx.state["vector"] = concept_vector(ctx.erased, *pairs)
+        special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+        ctx.state["vocab"] = torch.tensor([i for i in range(len(tok)) if i not in special])
+
+    def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
+        cfg, g, vocab = self.config, ctx.generator, ctx.state["vocab"]
+        with torch.no_grad():
+            target = encode(ctx.erased, [ctx.prompts[i]]).float()[0] + cfg.eta * ctx.state["vector"]
+        target = target.cpu()
+
+        def fitness(pop: torch.Tensor) -> torch.Tensor:
+            return -((_encode_ids(ctx.erased, pop).cpu() - target) ** 2).sum((1, 2))
+
+        def draw(*shape: int) -> torch.Tensor:
+            return vocab[torch.randint(len(vocab), shape, generator=g)]
+
+        k = cfg.prompt_length
+        pop = draw(cfg.population, k)
+        for _ in range(cfg.generations):
+            order = fitness(pop).argsort(descending=True)
+            parents = pop[order[: cfg.survivors]]
+            children = []
+            while sum(len(c) for c in children) < cfg.population - cfg.survivors:
+                a, b = parents[torch.randperm(len(parents), generator=g)[:2]]
+                a, b = a.clone(), b.clone()
+                if torch.rand((), generator=g) < cfg.crossover and k > 1:
+                    cut = int(torch.randint(1, k, (), generator=g))
+                    a[cut:], b[cut:] = b[cut:].clone(), a[cut:].clone()
+                for child in (a, b):
+                    if torch.rand((), generator=g) < cfg.mutation:
+                        child[int(torch.randint(k, (), generator=g))] = draw(1)[0]
+                children.append(torch.stack([a, b]))
+            pop = torch.cat([parents, *children])[: cfg.population]
+        scores = fitness(pop)
+        best = pop[int(scores.argmax())]
+        text = ctx.erased.tokenizer.decode(best.tolist(), skip_special_tokens=True).strip()
+        return Adversarial(text, loss=float(-scores.max()), meta={"tokens": best.tolist()})

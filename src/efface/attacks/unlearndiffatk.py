@@ -1,0 +1,152 @@
+"""UnlearnDiffAtk (Zhang et al., ECCV 2024, arXiv 2310.11868): the erased model as its own
+classifier. ``k`` tokens prepended to the prompt are optimised so that the erased model denoises an
+image of the concept well::
+
+    min_u  E_eps || eps - eps_theta*(x_t, t, [start, tokens(u), prompt...]) ||^2
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   x_0 = the target image's latent
+
+``u`` is a relaxed one-hot (``k x V``, rows on the probability simplex, uniform at start). Each
+step samples one token per row from ``u`` (forward: the sampled one-hot times the embedding table;
+backward: straight-through, the gradient clipped to [-1, 1]), takes an Adam step (coupled weight
+decay) and projects every row back onto the simplex. Timesteps are visited in ascending order
+(``t = T / n / 2, ... ``, ``n_timesteps`` of them), ``iterations`` steps each; after each, the
+argmax tokens are read off and, when a judge is given, the image is generated with the prompt's
+seed and the attack stops as soon as the concept is back.
+
+The target image (``x_0``) is the original model's image of the same prompt and seed (as the
+official ``generate_dataset.py``), unless ``target_images`` are given. Defaults are the official
+nudity config (github.com/OPTML-Group/Diffusion-MU-Attack, ``configs/nudity/text_grad_*.json``):
+k 5, 40 iterations per timestep, Adam lr 0.01, weight decay 0.1, 50 timesteps ``t = 10, 30, ..., 990``;
+its object and style configs use k 3. Differences from the official code: the simplex projection is
+the exact sort-based one (the official code bisects to 1e-5: the same point up to that tolerance);
+the noise comes from the attack's seeded generator; the adversarial prompt is kept as its token
+ids' embedding (``Adversarial.embedding``) so that replay uses exactly the found tokens, with the
+decoded text alongside; with a v-prediction model the target is the velocity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack, target_latents
+from efface.errors import InputError
+from efface.models.diffusion import predict_noise
+from efface.models.text import replaced_token_embeddings, token_embedding
+
+
+@dataclass
+class UnlearnDiffAtkConfig(AttackConfig):
+    tokens: int = field(default=5, metadata={"help": "k, adversarial tokens prepended to the prompt"})
+    iterations: int = field(default=40, metadata={"help": "Adam steps per timestep"})
+    lr: float = field(default=0.01, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=0.1, metadata={"help": "Adam (coupled L2) weight decay"})
+    n_timesteps: int = field(default=50, metadata={"help": "timesteps visited in ascending order"})
+    early_stop: bool = field(default=True, metadata={"help": "stop once the judge sees the concept"})
+
+    # toy-sd: 10 timesteps x 10 steps (about 2 s per prompt on 2 cores); its 16-token tokenizer
+    # leaves room for k 3 before short toy captions.
+    PRESETS: ClassVar[dict[str, dict]] = {"toy": {"tokens": 3, "iterations": 10, "n_timesteps": 10}}
+
+    def __post_init__(self) -> None:
+        self.check_counts("tokens", "iterations", "n_timesteps")
+
+
+def project_simplex(u: torch.Tensor) -> torch.Tensor:
+    """Each row of ``u`` projected (Euclidean) onto the probability simplex {x >= 0, sum x = 1}."""
+    s, _ = torch.sort(u, dim=-1, descending=True)
+    cumulative = s.cumsum(-1) - 1
+    index = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
+    rho = (s - cumulative / index > 0).sum(-1, keepdim=True)
+    theta = cumulative.gather(-1, rho - 1) / rho
+    return (u - theta).clamp(min=0)
+
+
+def timesteps(n: int, train_steps: int = 1000) -> list[int]:
+    """``n`` timesteps in ascending order, the official ``range(T // n // 2, T, T // n)``."""
+    step = max(train_steps // n, 1)
+    return list(range(step // 2, train_steps, step))[:n]
+
+
+@register_attack("unlearndiffatk")
+class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
+    """k prepended tokens optimised (relaxed one-hot) against the erased model's denoising error."""
+
+    Config = UnlearnDiffAtkConfig
+    paper = ("To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy To Generate Unsafe "
+             "Images ... For Now (Zhang et al., ECCV 2024), arXiv 2310.11868")
+    needs = frozenset({"erased_model", "target_images"})
+
+    def _prepare(self, ctx: AttackContext) -> None:
+        tok, k = ctx.erased.tokenizer, self.config.tokens
+        for p in ctx.prompts:
+            n = len(tok(p, truncation=False).input_ids)  # start + prompt + end
+            if n + k > tok.model_max_length:
+                raise InputError(f"prompt {p!r} takes {n} tokens; with {k} adversarial tokens it exceeds the "
+                                 f"tokenizer's {tok.model_max_length}: shorten it or lower tokens")
+        ctx.state["x0"] = target_latents(ctx.erased, ctx.target_images).mean
+
+    def _ids(self, ctx: AttackContext, i: int, adv: torch.Tensor) -> torch.Tensor:
+        """``[start, adv..., prompt..., end, pad...]``, cut to the tokenizer's length."""
+        tok = ctx.erased.tokenizer
+        prompt = tok(ctx.prompts[i], truncation=False).input_ids[1:]  # prompt + end
+        ids = [tok.bos_token_id, *adv.tolist(), *prompt]
+        ids += [tok.pad_token_id] * (tok.model_max_length - len(ids))
+        return torch.tensor([ids[: tok.model_max_length]])
+
+    def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
+        cfg, pipe, g = self.config, ctx.erased, ctx.generator
+        unet, te, k = pipe.unet, pipe.text_encoder, cfg.tokens
+        table = token_embedding(te).weight.detach()
+        vocab = table.shape[0]
+        u = torch.full((k, vocab), 1.0 / vocab, requires_grad=True)
+        optimizer = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        alphas = pipe.scheduler.alphas_cumprod
+        x0 = ctx.state["x0"][i : i + 1]
+        v_prediction = getattr(pipe.scheduler.config, "prediction_type", "epsilon") == "v_prediction"
+        placeholder = self._ids(ctx, i, torch.zeros(k, dtype=torch.long)).to(te.device)
+        positions = list(range(1, k + 1))
+        best = u.detach().argmax(-1)
+        loss_value = None
+        for t in timesteps(cfg.n_timesteps, len(alphas)):
+            a = alphas[t].to(x0.device, x0.dtype)
+            for _ in range(cfg.iterations):
+                sampled = torch.multinomial(u.detach(), 1, generator=g).squeeze(-1)
+                onehot = F.one_hot(sampled, vocab).to(u.dtype)
+                onehot = onehot + u - u.detach()  # straight-through: d onehot = d u
+                with replaced_token_embeddings(te, positions, onehot.to(table.device) @ table):
+                    cond = te(placeholder)[0]
+                noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+                x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_prediction else noise
+                loss = F.mse_loss(predict_noise(unet, x_t, torch.tensor(t), cond.to(unet.dtype)).float(), target.float())
+                optimizer.zero_grad()
+                loss.backward()
+                u.grad.clamp_(-1, 1)  # the official straight-through estimator's hardtanh
+                optimizer.step()
+                with torch.no_grad():
+                    u.copy_(project_simplex(u))
+                loss_value = float(loss.detach())
+            best = u.detach().argmax(-1)
+            if cfg.early_stop and ctx.judge is not None and ctx.judge(
+                    [self._image(ctx, i, best)], ctx.concept)[0]:
+                break
+        return self._adversarial(ctx, i, best, loss_value, t)
+
+    def _embedding(self, ctx: AttackContext, i: int, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return ctx.erased.text_encoder(self._ids(ctx, i, tokens).to(ctx.erased.text_encoder.device))[0]
+
+    def _image(self, ctx: AttackContext, i: int, tokens: torch.Tensor):
+        from efface.attacks.base import generate_adversarial
+
+        adv = Adversarial("", self._embedding(ctx, i, tokens))
+        return generate_adversarial(ctx.erased, [adv], [ctx.seeds[i]], ctx.generation)[0]
+
+    def _adversarial(self, ctx: AttackContext, i: int, tokens: torch.Tensor, loss: float | None, t: int) -> Adversarial:
+        words = ctx.erased.tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()
+        return Adversarial(f"{words} {ctx.prompts[i]}".strip(), self._embedding(ctx, i, tokens), loss,
+                           meta={"tokens": tokens.tolist(), "last_timestep": t})
