@@ -24,7 +24,7 @@ from efface import load_pipeline
 from efface.benchmark.grid import request_for
 from efface.methods import erase
 from efface.registry import ATTACKS
-from efface.robustness import attack_success, toy_judge, toy_prompts
+from efface.robustness import attack_success, toy_features, toy_judge, toy_prompts
 from efface.sampling import GenerationConfig
 
 GEN = GenerationConfig(steps=25, guidance=7.5)
@@ -41,7 +41,7 @@ def main() -> int:
     args = parser.parse_args()
     original = load_pipeline("toy")
     original.set_progress_bar_config(disable=True)
-    judge = toy_judge()
+    judge, features = toy_judge(), toy_features()
     prompts = toy_prompts(args.concept, args.n, args.seed)
     rows = []
     print(f"{'method':<8} {'attack':<16} {'pre-ASR':>8} {'ASR':>6} {'seconds':>8}", flush=True)
@@ -54,7 +54,7 @@ def main() -> int:
             attack = ATTACKS.get(name)(preset="toy")
             start = time.perf_counter()
             measures, _ = attack_success(attack, erased_pipe, args.concept, prompts, judge=judge, original=original,
-                                         seed=args.seed, generation=GEN, progress=False)
+                                         seed=args.seed, generation=GEN, progress=False, features=features)
             seconds = time.perf_counter() - start
             rows.append({"method": method, "attack": name, "pre_asr": measures["pre_asr"], "asr": measures["asr"],
                          "seconds": round(seconds, 1),

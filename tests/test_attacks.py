@@ -31,6 +31,8 @@ TINY = {
     "unlearndiffatk": {"tokens": 2, "iterations": 2, "n_timesteps": 2, "early_stop": False},
     "p4d-n": {"prompt_length": 3, "iterations": 2},
     "p4d-k": {"every_k": 2, "iterations": 2},
+    "pund": {"epochs": 2, "bands": 2, "steps_per_band": 1, "surrogate_every": 1, "surrogate_steps": 1},
+    "riatig": {"population": 4, "children": 2, "elites": 2, "generations": 2, "neighbours": 3},
     "mma-diffusion": {"tokens": 3, "steps": 2, "topk": 4, "batch": 4},
     "concept-inversion": {"steps": 2, "batch_size": 2, "initializer": "a", "templates": ("a {}", "{} on dots")},
 }
@@ -52,10 +54,17 @@ def pipes(tiny_sd_dir):
     return original, erased_pipe
 
 
+def pixel_features(images):
+    """A real, simple image feature space: 8x8 thumbnails, flattened."""
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((8, 8)), dtype=np.float32)).flatten()
+                        for im in images])
+
+
 def _run(name, pipes, seed=0):
     original, erased_pipe = pipes
     attack = ATTACKS.get(name)(**TINY[name])
-    return attack.run(erased_pipe, "circle", PROMPTS, original=original, seed=seed, generation=GEN, progress=False)
+    return attack.run(erased_pipe, "circle", PROMPTS, original=original, seed=seed, generation=GEN, progress=False,
+                      features=pixel_features)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -82,6 +91,8 @@ def test_attacks_refuse_to_run_without_what_they_need(pipes):
         attack.run(erased_pipe, "circle", PROMPTS, generation=GEN, progress=False)
     with pytest.raises(InputError, match="one per prompt"):
         attack.run(erased_pipe, "circle", PROMPTS, target_images=[None], generation=GEN, progress=False)
+    with pytest.raises(InputError, match="needs an image feature extractor"):
+        ATTACKS.get("riatig")(**TINY["riatig"]).run(erased_pipe, "circle", PROMPTS, original=original, progress=False)
     with pytest.raises(InputError, match="empty concept"):
         attack.run(erased_pipe, " ", PROMPTS, original=original, generation=GEN, progress=False)
     with pytest.raises(InputError, match="has no option"):

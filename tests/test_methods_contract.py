@@ -26,6 +26,8 @@ ALL_CASES: dict[str, dict] = {
     "esd-x-strict": {"preset": "toy", "iterations": 3, "lr": 1e-2, "ddim_steps": 4, "batch_size": 2},
     "esd-u": {"preset": "toy", "iterations": 3, "lr": 1e-2, "ddim_steps": 4, "batch_size": 2},
     "esd-all": {"preset": "toy", "iterations": 3, "lr": 1e-2, "ddim_steps": 4, "batch_size": 2},
+    "race": {"preset": "toy", "esd_iterations": 2, "iterations": 2, "pgd_steps": 2, "lr": 1e-2, "ddim_steps": 4,
+             "batch_size": 2},
     "ca": {"preset": "toy", "iterations": 3, "lr": 1e-2, "batch_size": 4, "num_anchor_images": 4, "anchor_steps": 4},
 }
 CASES = {name: options for name, options in ALL_CASES.items() if name in METHODS}

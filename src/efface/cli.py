@@ -203,8 +203,17 @@ def cmd_attack(args: argparse.Namespace) -> int:
         erased.check_base(pipe)
         original, erased_pipe = pipe, copy.deepcopy(pipe)
         erased.apply(erased_pipe)
+    features = None
+    if "image_features" in attack.needs:
+        from efface.models.loading import is_toy
+        from efface.robustness import toy_features
+
+        if not is_toy(pipe):
+            raise InputError(f"{args.attack} needs an image feature extractor; on a real model call "
+                             "efface.robustness.attack_success(..., features=your_function) from Python")
+        features = toy_features()
     measures, result = attack_success(attack, erased_pipe, args.concept, prompts, judge=judge, original=original,
-                                      seed=args.seed, generation=gen, progress=not args.quiet)
+                                      seed=args.seed, generation=gen, progress=not args.quiet, features=features)
     measures["erased"] = args.erased
     measures["model"] = args.model
     if result is None:

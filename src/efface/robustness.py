@@ -46,14 +46,31 @@ def toy_judge(classifier_factory=None) -> Judge:
     return judge
 
 
+def toy_features(classifier_factory=None):
+    """Image features in the toy classifier's feature space (``features(images) -> N x D``)."""
+    import torch
+
+    from efface.metrics.base import images_to_tensor
+    from efface.metrics.toy import toy_classifier
+
+    classifier = (classifier_factory or toy_classifier)()
+
+    def features(images: list):
+        with torch.no_grad():
+            return classifier.features(images_to_tensor(images))
+
+    return features
+
+
 def attack_success(attack: Attack, erased_pipe, concept: str, prompts: list[str], *, judge: Judge,
                    seeds: list[int] | None = None, original=None, target_images: list | None = None, seed: int = 0,
-                   generation: GenerationConfig | None = None, progress: bool = True) -> tuple[dict[str, Any], AttackResult | None]:
+                   generation: GenerationConfig | None = None, progress: bool = True,
+                   features=None) -> tuple[dict[str, Any], AttackResult | None]:
     """``attack`` against ``erased_pipe`` on ``prompts``: returns the ``attack.json`` measures
     (``pre_asr``, ``asr``, per prompt) and the attack's result (None if no prompt was left to attack)."""
     gen = generation or GenerationConfig()
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
-    attack.check(erased_pipe, concept, prompts, original, target_images)  # before any image is made
+    attack.check(erased_pipe, concept, prompts, original, target_images, features)  # before any image is made
     start = time.perf_counter()
     before = generate_many(erased_pipe, prompts, gen, seeds=seeds)
     pre = judge(before, concept)
@@ -61,7 +78,7 @@ def attack_success(attack: Attack, erased_pipe, concept: str, prompts: list[str]
     result, post = None, []
     if rest:
         result = attack.run(erased_pipe, concept, [prompts[i] for i in rest], seeds=[seeds[i] for i in rest],
-                            original=original, seed=seed, generation=gen, progress=progress, judge=judge,
+                            original=original, seed=seed, generation=gen, progress=progress, judge=judge, features=features,
                             target_images=None if target_images is None else [target_images[i] for i in rest])
         post = judge(result.images, concept)
     success = dict(zip(rest, post))
@@ -132,9 +149,10 @@ def robustness_of(pipe, erased, concept: str, attacks: list[str], *, n: int, see
     erased.apply(erased_pipe)
     prompts = toy_prompts(concept, n, seed)
     preset = preset or ("toy" if is_toy(pipe) else None)
+    features = toy_features() if is_toy(pipe) else None
     out = {}
     for cls in classes:
         measures, _ = attack_success(cls(preset=preset), erased_pipe, concept, prompts, judge=judge, original=pipe,
-                                     seed=seed, generation=generation, progress=False)
+                                     seed=seed, generation=generation, progress=False, features=features)
         out[cls.name] = measures
     return out

@@ -41,6 +41,7 @@ NEEDS: dict[str, str] = {
     "original_model": "the model before erasure (original=...): its predictions or images",
     "text_encoder": "the erased pipeline's tokenizer and text encoder only",
     "target_images": "images that show the concept, one per prompt (target_images=..., or original=... to make them)",
+    "image_features": "an image feature extractor (features=: PIL images -> N x D tensor; toy-sd: the toy classifier's)",
 }
 
 
@@ -95,6 +96,7 @@ class AttackContext:
     generation: GenerationConfig
     progress: bool
     judge: Any = None  # judge(images, concept) -> [concept present]; attacks that stop early use it
+    features: Any = None  # features(images) -> N x D; attacks that score images use it
     state: dict[str, Any] = field(default_factory=dict)  # what _prepare computes for _attack
 
 
@@ -169,23 +171,24 @@ class AttackResult:
 
 
 def generate_adversarial(pipe, adversarial: list[Adversarial], seeds: list[int], gen: GenerationConfig) -> list:
-    """One image per adversarial prompt, with its seed: text through the pipeline, embeddings as
-    ``prompt_embeds`` (with the empty prompt's embedding as the negative)."""
+    """One image per adversarial prompt, with its seed, ``gen.batch_size`` at a time: text is
+    encoded as the pipeline encodes it, embeddings are used as they are; the empty prompt's
+    embedding is the negative."""
     from efface.models.text import encode
 
-    images: list = []
-    for a, seed in zip(adversarial, seeds):
-        generator = [torch.Generator("cpu").manual_seed(seed)]
-        kwargs = dict(num_inference_steps=gen.steps, guidance_scale=gen.guidance, height=gen.height,
-                      width=gen.width, generator=generator, output_type="pil")
-        with torch.inference_mode():
-            if a.embedding is None:
-                out = pipe([a.prompt], **kwargs)
-            else:
-                device, dtype = pipe.unet.device, pipe.unet.dtype
-                negative = encode(pipe, [""]).to(device, dtype)
-                out = pipe(prompt_embeds=a.embedding.to(device, dtype), negative_prompt_embeds=negative, **kwargs)
-        images.extend(out.images)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    with torch.inference_mode():
+        embeds = [(a.embedding if a.embedding is not None else encode(pipe, [a.prompt])).to(device, dtype)
+                  for a in adversarial]
+        negative = encode(pipe, [""]).to(device, dtype)
+        images: list = []
+        for start in range(0, len(embeds), gen.batch_size):
+            chunk = torch.cat(embeds[start : start + gen.batch_size])
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(chunk)]]
+            out = pipe(prompt_embeds=chunk, negative_prompt_embeds=negative.expand(len(chunk), -1, -1),
+                       num_inference_steps=gen.steps, guidance_scale=gen.guidance, height=gen.height, width=gen.width,
+                       generator=generators, output_type="pil")
+            images.extend(out.images)
     return images
 
 
@@ -204,7 +207,7 @@ class Attack(ABC, Generic[C]):
         self.config, self.preset = resolve(self.Config, self.name, config, preset, overrides,
                                            self.Config.PRESETS)  # type: ignore[assignment]
 
-    def check(self, erased_pipe, concept: str, prompts: list[str], original, target_images) -> None:
+    def check(self, erased_pipe, concept: str, prompts: list[str], original, target_images, features=None) -> None:
         """Everything that can be checked before work starts: the inputs ``needs`` declares."""
         if not concept or not concept.strip():
             raise InputError("empty concept: name the erased concept to bring back, e.g. 'circle'")
@@ -218,6 +221,8 @@ class Attack(ABC, Generic[C]):
                 raise InputError(f"{self.name} needs {NEEDS['target_images']}")
             if target_images is not None and len(target_images) != len(prompts):
                 raise InputError(f"{len(target_images)} target images for {len(prompts)} prompts: give one per prompt")
+        if "image_features" in self.needs and features is None:
+            raise InputError(f"{self.name} needs {NEEDS['image_features']}")
         if erased_pipe is None:
             raise InputError(f"{self.name} needs the erased pipeline")
 
@@ -230,14 +235,15 @@ class Attack(ABC, Generic[C]):
 
     def run(self, erased_pipe, concept: str, prompts: list[str], *, seeds: list[int] | None = None,
             original=None, target_images: list | None = None, seed: int = 0,
-            generation: GenerationConfig | None = None, progress: bool = True, judge=None) -> AttackResult:
+            generation: GenerationConfig | None = None, progress: bool = True, judge=None,
+            features=None) -> AttackResult:
         """Attack every prompt; image ``i`` is generated with ``seeds[i]`` (default ``seed + i``).
         ``judge(images, concept) -> [bool]``, if given, lets attacks stop early once the concept is back."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise InputError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt")
-        self.check(erased_pipe, concept, prompts, original, target_images)
+        self.check(erased_pipe, concept, prompts, original, target_images, features)
         gen = generation or GenerationConfig()
         if "target_images" in self.needs and target_images is None:
             from efface.sampling import generate_many
@@ -247,7 +253,7 @@ class Attack(ABC, Generic[C]):
         np.random.seed(seed)
         torch.manual_seed(seed)
         ctx = AttackContext(erased_pipe, concept.strip(), prompts, seeds, original, target_images,
-                            torch.Generator("cpu").manual_seed(seed), gen, progress, judge)
+                            torch.Generator("cpu").manual_seed(seed), gen, progress, judge, features)
         start = time.perf_counter()
         self._prepare(ctx)
         adversarial = [self._attack(ctx, i) for i in tqdm(range(len(prompts)), desc=self.name, disable=not progress)]

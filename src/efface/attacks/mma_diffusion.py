@@ -19,7 +19,8 @@ word is always banned, ``banned_words`` adds more, and a token of more than two 
 part of a banned word is banned too (so the word cannot be spelled from its pieces). Differences: the gradient row of position
 ``p`` is used for token ``p`` (the official code shifts it by one, its issue #27); the start is
 random vocabulary tokens from the seeded generator (the official code starts from random letters);
-the candidates are judged by text only, as in the paper.
+the candidates are judged by text only, as in the paper; images are generated from the found
+token ids (their embedding is saved), the decoded text alongside.
 """
 
 from __future__ import annotations
@@ -124,4 +125,6 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
             if float(losses[j]) < best_loss:
                 best, best_loss = adv.clone(), float(losses[j])
         text = tok.decode(best[0].tolist(), skip_special_tokens=True).strip()
-        return Adversarial(text, loss=best_loss, meta={"tokens": best[0].tolist()})
+        with torch.no_grad():
+            embedding = te(self._ids(ctx, best).to(te.device))[0]
+        return Adversarial(text, embedding, loss=best_loss, meta={"tokens": best[0].tolist()})

@@ -18,8 +18,11 @@ Defaults are the official notebook's (github.com/chiayi-hsu/Ring-A-Bell): K 16, 
 are 50 hand-written prompt pairs; here ``concept_prompts`` / ``contrast_prompts`` give yours, and
 by default the pairs are ``templates`` filled with the concept and with nothing ("a red circle" /
 "a red"). Differences from the official code: survivors are kept as they are (elitism) and only
-children are mutated (the notebook mutates in place, so its best prompt can be lost); every random
-draw comes from the attack's seeded generator.
+children are mutated (the notebook mutates in place, so its best prompt can be lost), and children
+come from random pairs of survivors until the population is full (the notebook pairs each survivor,
+with probability 0.5, with a random one); images are generated from the found token ids (their
+embedding is saved), the decoded text alongside (the official output, whose re-tokenisation can
+differ); every random draw comes from the attack's seeded generator.
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ class RingABellConfig(AttackConfig):
                                                                            "(replace the templates' pairs)"})
     contrast_prompts: tuple[str, ...] = field(default=(), metadata={"help": "the same prompts without it"})
 
-    # toy-sd: its tokenizer keeps 16 tokens (start and end included), so K is 8; the toy world's
-    # caption contexts make the pairs; 300 generations (about 1 s per prompt on 2 cores).
+    # toy-sd: captions are short (its tokenizer keeps 24 tokens), K 8; the toy world's caption
+    # contexts make the pairs; population 64 (32 kept), 150 generations (about 3 s per prompt on
+    # 2 cores; 200 x 300 took 20 s).
     PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"prompt_length": 8, "generations": 300, "templates": TOY_CONTEXTS},
+        "toy": {"prompt_length": 8, "population": 64, "survivors": 32, "generations": 150, "templates": TOY_CONTEXTS},
     }
 
     def __post_init__(self) -> None:
@@ -142,4 +146,5 @@ class RingABell(Attack[RingABellConfig]):
         scores = fitness(pop)
         best = pop[int(scores.argmax())]
         text = ctx.erased.tokenizer.decode(best.tolist(), skip_special_tokens=True).strip()
-        return Adversarial(text, loss=float(-scores.max()), meta={"tokens": best.tolist()})
+        embedding = _encode_ids(ctx.erased, best.unsqueeze(0)).to(ctx.erased.text_encoder.dtype)
+        return Adversarial(text, embedding, loss=float(-scores.max()), meta={"tokens": best.tolist()})

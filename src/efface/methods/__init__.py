@@ -6,6 +6,7 @@ below, one row in ``tests/test_methods_contract.py``.
 
 from efface.methods import ca  # noqa: F401
 from efface.methods import esd  # noqa: F401
+from efface.methods import race  # noqa: F401
 from efface.methods import rece  # noqa: F401
 from efface.methods import uce  # noqa: F401
 from efface.methods.base import ErasedModel, ErasureMethod, ErasureRequest, MethodConfig, erase, register_method

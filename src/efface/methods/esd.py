@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.prompts import TOY_CONTEXTS, fill
-from efface.models.diffusion import (ddim_scheduler, frozen_copy, predict_noise, random_index, sample_to,
-                                     train_steps, trainable)
+from efface.models.diffusion import (ddim_scheduler, frozen_copy, initial_latents, predict_noise, random_index,
+                                     sample_to, train_steps, trainable)
 from efface.models.text import encode
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,18 @@ class ESD(ErasureMethod[ESDConfig]):
     parameter_set: ClassVar[str] = "xattn"
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
-        cfg = self.config
         if request.preserve:
             log.info("%s: preserved concepts are not used (ESD has no preservation term)", self.name)
+        self._train(pipe, request, generator, progress, self.config.iterations)
+
+    def _train(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool, iterations: int,
+               perturb=None, frozen=None) -> None:
+        """``iterations`` ESD steps. ``perturb(c, x_t, t, x_T)``, if given, returns the conditioning
+        the trained model sees in the loss instead of ``c`` (RACE's adversarial embedding);
+        ``frozen``: the original model (default: a frozen copy of the UNet as it is now)."""
+        cfg = self.config
         unet = pipe.unet
-        frozen = frozen_copy(unet)  # theta*, the original model
+        frozen = frozen if frozen is not None else frozen_copy(unet)  # theta*, the original model
         sampler = unet if cfg.sample_with == "trained" else frozen
         templates = cfg.templates
         with torch.no_grad():  # row k * len(templates) + j: concept k in template j
@@ -130,14 +137,16 @@ class ESD(ErasureMethod[ESDConfig]):
             step = random_index(cfg.ddim_steps, generator)
             c = concepts[k : k + 1].expand(n, -1, -1)
             a = anchors[k : k + 1].expand(n, -1, -1)
-            x_t = sample_to(pipe, c, empty, step, cfg.ddim_steps, cfg.start_guidance, generator, unet=sampler)
+            x_T = initial_latents(unet, n, generator)
+            x_t = sample_to(pipe, c, empty, step, cfg.ddim_steps, cfg.start_guidance, generator, x_T, unet=sampler)
             t = timesteps[step]
             with torch.no_grad():
                 e_0, e_p = predict_noise(frozen, torch.cat([x_t, x_t]), t, torch.cat([a, c])).chunk(2)
-            e_n = predict_noise(unet, x_t, t, c)
+            seen = c if perturb is None else perturb(c, x_t, t, x_T)
+            e_n = predict_noise(unet, x_t, t, seen)
             return F.mse_loss(e_n.float(), esd_target(e_0, e_p, cfg.negative_guidance).float())
 
-        train_steps(loss, list(params.values()), cfg.iterations, lr=cfg.lr, name=self.name, progress=progress)
+        train_steps(loss, list(params.values()), iterations, lr=cfg.lr, name=self.name, progress=progress)
 
 
 @dataclass

@@ -1,0 +1,148 @@
+"""RIATIG (Liu et al., CVPR 2023, "Reliable and Imperceptible Adversarial Text-to-Image Generation
+with Natural Prompts"): a black-box genetic search over natural-language edits of the prompt, scored
+by how close the erased model's image comes to a target image of the concept.
+
+Fitness: ``100 cos(phi(image of the candidate), phi(target image))`` in an image feature space
+``phi`` (the official code: CLIP ViT-B/32; here the ``image_features`` the caller gives: the toy
+classifier's features on toy-sd). The first population is the prompt and ``population - 1`` unique
+single edits of it; each generation keeps the best ``elites``, draws parents from them with
+probabilities ``softmax(score - max)``, makes ``children`` by uniform crossover of the two parents'
+words (when they have as many words) and mutates each child with a probability that adapts as
+``p <- 0.99 p + 0.001 / |best - previous best|``. Edits of one non-stop word: split it with a space
+(words under 6 letters), delete an inner letter (first population only), or swap it for one of its
+``neighbours`` nearest words; the concept's own word is never brought in.
+
+Defaults are the official code's (github.com/WUSTL-CSPL/RIATIG, ``attack/run_attack.py``,
+``attack/attack_lib.py``): population 150, 15 children per generation, 8 elites, 50 generations,
+mutation probability 0.85 at start, 100 neighbours. Differences: neighbour words come from the
+attacked model's own token embeddings (cosine) instead of a word2vec model, and without the
+part-of-speech filter; each candidate's image uses the prompt's seed (the official calls are
+unseeded, so its fitness is noisy); the best candidate ever seen is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from efface.attacks.base import (Adversarial, Attack, AttackConfig, AttackContext, generate_adversarial,
+                                 register_attack)
+from efface.errors import InputError
+from efface.models.text import token_embedding
+
+STOP_WORDS = frozenset("a an the of on in at to and or with by for from is are this that its".split())
+
+
+@dataclass
+class RIATIGConfig(AttackConfig):
+    population: int = field(default=150, metadata={"help": "first population (the prompt + single edits)"})
+    children: int = field(default=15, metadata={"help": "children per generation"})
+    elites: int = field(default=8, metadata={"help": "best candidates kept as parents"})
+    generations: int = field(default=50, metadata={"help": "generations"})
+    mutation: float = field(default=0.85, metadata={"help": "starting mutation probability (then adaptive)"})
+    neighbours: int = field(default=100, metadata={"help": "nearest words a word may be swapped for"})
+
+    # toy-sd: 12 + 5 x 8 images per prompt (a few seconds on 2 cores), 8 neighbours (its vocabulary
+    # has about 40 words).
+    PRESETS: ClassVar[dict[str, dict]] = {"toy": {"population": 12, "children": 8, "elites": 4, "generations": 5,
+                                                  "neighbours": 8}}
+
+    def __post_init__(self) -> None:
+        self.check_counts("population", "children", "elites", "generations", "neighbours")
+        if not 0.0 <= self.mutation <= 1.0:
+            raise InputError(f"mutation is a probability in [0, 1], not {self.mutation}")
+
+
+@register_attack("riatig")
+class RIATIG(Attack[RIATIGConfig]):
+    """Genetic search over natural word edits toward the target image (black-box queries)."""
+
+    Config = RIATIGConfig
+    paper = ("RIATIG: Reliable and Imperceptible Adversarial Text-to-Image Generation With Natural Prompts "
+             "(Liu et al., CVPR 2023)")
+    needs = frozenset({"target_images", "image_features"})
+
+    def _prepare(self, ctx: AttackContext) -> None:
+        tok = ctx.erased.tokenizer
+        words = {}
+        for piece, i in tok.get_vocab().items():
+            word = piece.removesuffix("</w>")
+            if piece.endswith("</w>") and len(word) > 1 and word.isascii() and word.isalpha():
+                words[word] = i
+        banned = {w.lower() for w in ctx.concept.split()}
+        names = [w for w in words if w.lower() not in banned]
+        table = F.normalize(token_embedding(ctx.erased.text_encoder).weight.detach().float(), dim=-1)
+        ctx.state["words"], ctx.state["ids"] = names, torch.tensor([words[w] for w in names])
+        ctx.state["table"], ctx.state["word_ids"] = table, words
+        with torch.no_grad():
+            ctx.state["target"] = F.normalize(ctx.features(ctx.target_images).float(), dim=-1)
+
+    def _neighbour(self, ctx: AttackContext, word: str) -> str | None:
+        i = ctx.state["word_ids"].get(word.lower())
+        if i is None:
+            return None
+        sims = ctx.state["table"][ctx.state["ids"]] @ ctx.state["table"][i]
+        top = sims.topk(min(self.config.neighbours + 1, len(sims))).indices.tolist()
+        choices = [ctx.state["words"][j] for j in top if ctx.state["words"][j] != word.lower()]
+        return choices[int(torch.randint(len(choices), (), generator=ctx.generator))] if choices else None
+
+    def _mutate(self, ctx: AttackContext, words: list[str], first: bool) -> list[str]:
+        g = ctx.generator
+        slots = [j for j, w in enumerate(words) if w.lower() not in STOP_WORDS] or list(range(len(words)))
+        j = slots[int(torch.randint(len(slots), (), generator=g))]
+        ops = ["split", "delete", "swap"] if first else ["split", "swap"]
+        op = ops[int(torch.randint(len(ops), (), generator=g))]
+        w, out = words[j], list(words)
+        if op == "split" and 1 < len(w) < 6:
+            k = 1 + int(torch.randint(len(w) - 1, (), generator=g))
+            out[j : j + 1] = [w[:k], w[k:]]
+        elif op == "delete" and len(w) > 2:
+            k = 1 + int(torch.randint(len(w) - 2, (), generator=g))
+            out[j] = w[:k] + w[k + 1 :]
+        else:
+            out[j] = self._neighbour(ctx, w) or w
+        return out
+
+    def _fitness(self, ctx: AttackContext, i: int, candidates: list[list[str]]) -> list[float]:
+        adversarial = [Adversarial(" ".join(c)) for c in candidates]
+        images = generate_adversarial(ctx.erased, adversarial, [ctx.seeds[i]] * len(adversarial), ctx.generation)
+        with torch.no_grad():
+            feats = F.normalize(ctx.features(images).float(), dim=-1)
+        return (100 * feats @ ctx.state["target"][i]).tolist()
+
+    def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
+        cfg, g = self.config, ctx.generator
+        prompt = ctx.prompts[i].split()
+        pool = {" ".join(prompt): prompt}
+        for _ in range(cfg.population * 4):
+            if len(pool) >= cfg.population:
+                break
+            edit = self._mutate(ctx, prompt, first=True)
+            pool.setdefault(" ".join(edit), edit)
+        population = list(pool.values())
+        scores = self._fitness(ctx, i, population)
+        best_score, p = max(scores), cfg.mutation
+        best = population[scores.index(best_score)]
+        for _ in range(cfg.generations):
+            order = sorted(range(len(population)), key=lambda k: -scores[k])[: cfg.elites]
+            elites, weights = [population[k] for k in order], torch.tensor([scores[k] for k in order])
+            probs = torch.softmax(weights - weights.max(), 0)
+            children = []
+            for _ in range(cfg.children):
+                a, b = (elites[int(k)] for k in torch.multinomial(probs, 2, replacement=True, generator=g))
+                child = [x if torch.rand((), generator=g) < 0.5 else y for x, y in zip(a, b)] if len(a) == len(b) else list(a)
+                if torch.rand((), generator=g) < p:
+                    child = self._mutate(ctx, child, first=False)
+                children.append(child)
+            population, scores = children, self._fitness(ctx, i, children)
+            previous, best_score = best_score, max(best_score, max(scores))
+            if best_score > previous:
+                best = population[scores.index(best_score)]
+            p = min(1.0, 0.99 * p + (0.001 / abs(best_score - previous) if best_score != previous else 0.0))
+            if math.isclose(best_score, 100.0):
+                break
+        return Adversarial(" ".join(best), loss=100 - best_score, meta={"fitness": best_score})
