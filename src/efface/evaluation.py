@@ -159,19 +159,37 @@ def evaluate(pipe, concepts: str | list[str], *, erased=None, config: EvalConfig
     drift = ImageDrift(lambda: classifier, kid_subsets=config.kid_subsets, seed=seed)
     effectiveness = _effectiveness(rates, effect, evaluated, concepts)
     utility_result = _utility(pipe, rates, drift, utility, evaluated, base_utility, concepts, config)
-    manifest = erased.manifest if erased is not None else {}
     return {
         "effectiveness": effectiveness,
         "utility": utility_result,
         "robustness": {},
-        "cost": {
-            "seconds": manifest.get("seconds", 0.0),
-            "peak_memory_mb": manifest.get("peak_memory_mb", 0.0),
-            "unet_evaluations": manifest.get("unet_evaluations", 0),
-            "parameters_changed": manifest.get("parameters_changed", 0),
-            "eval_seconds": round(time.perf_counter() - start, 2),
-        },
+        "cost": erasure_cost(erased, start),
         "provenance": _provenance(pipe, erased, concepts, config, seed, effect + utility, [rates, drift]),
+    }
+
+
+def erasure_cost(erased, start: float) -> dict[str, Any]:
+    """The ``cost`` entry: the erasure's wall time, peak memory, UNet evaluations and parameters
+    changed (from its manifest; 0 for the base model), and the evaluation's seconds since ``start``."""
+    manifest = erased.manifest if erased is not None else {}
+    return {
+        "seconds": manifest.get("seconds", 0.0),
+        "peak_memory_mb": manifest.get("peak_memory_mb", 0.0),
+        "unet_evaluations": manifest.get("unet_evaluations", 0),
+        "parameters_changed": manifest.get("parameters_changed", 0),
+        "eval_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def run_provenance(pipe, erased) -> dict[str, Any]:
+    """Versions, the model evaluated and the erasure applied (method, preset, config, request, seed)."""
+    from efface import __version__
+
+    return {
+        "efface_version": __version__,
+        "torch_version": torch.__version__,
+        "model": getattr(pipe, "efface_source", type(pipe).__name__),
+        "erased": None if erased is None else {k: erased.manifest.get(k) for k in ("method", "preset", "config", "request", "seed")},
     }
 
 
@@ -212,13 +230,8 @@ def _utility(pipe, rates: ConceptRate, drift: ImageDrift, groups: list[Group], i
 
 
 def _provenance(pipe, erased, concepts, config, seed, groups: list[Group], metrics) -> dict[str, Any]:
-    from efface import __version__
-
     return {
-        "efface_version": __version__,
-        "torch_version": torch.__version__,
-        "model": getattr(pipe, "efface_source", type(pipe).__name__),
-        "erased": None if erased is None else {k: erased.manifest.get(k) for k in ("method", "preset", "config", "request", "seed")},
+        **run_provenance(pipe, erased),
         "concepts": concepts,
         "evaluator": metrics[0].provenance()["evaluator"],
         "metrics": [m.provenance() for m in metrics],

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack, target_latents
 from efface.errors import InputError
 from efface.methods.prompts import TOY_CONTEXTS
-from efface.models.diffusion import predict_noise
+from efface.models.diffusion import add_noise, predict_noise
 from efface.models.text import replaced_token_embeddings, token_embedding
 
 STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
@@ -103,9 +103,7 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
             caption = torch.randint(len(captions), (cfg.batch_size,), generator=g)
             x0 = dist.mean[pick] + dist.stddev[pick] * torch.randn(dist.mean[pick].shape, generator=g)
             t = torch.randint(len(alphas), (cfg.batch_size,), generator=g)
-            a = alphas[t].to(x0.dtype).view(-1, 1, 1, 1)
-            noise = torch.randn(x0.shape, generator=g).to(x0.dtype)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            x_t, noise = add_noise(pipe, x0, t, g)
             conds = []
             for c in caption.tolist():
                 ids, pos = captions[c]

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack
 from efface.errors import InputError
-from efface.models.text import replaced_token_embeddings, token_embedding, tokenize
+from efface.models.text import framed_ids, replaced_token_embeddings, token_embedding, tokenize
 
 NUDITY_BANNED = ("ak", "na", "ke", "nud", "sexual", "nude", "nudity", "sex", "18+", "naked", "nsfw", "porn", "dick",
                  "vagina", "naked child", "explicit content", "uncensored", "fuck", "nipples", "visible nipples",
@@ -83,15 +83,9 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
                 allowed[i] = False
         ctx.state["allowed"] = allowed
 
-    def _ids(self, ctx: AttackContext, adv: torch.Tensor) -> torch.Tensor:
-        tok = ctx.erased.tokenizer
-        ids = torch.full((adv.shape[0], tok.model_max_length), tok.pad_token_id, dtype=torch.long)
-        ids[:, 0], ids[:, 1 : adv.shape[1] + 1], ids[:, adv.shape[1] + 1] = tok.bos_token_id, adv, tok.eos_token_id
-        return ids
-
     def _loss(self, ctx: AttackContext, adv: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return 1 - F.cosine_similarity(pooled(ctx.erased, self._ids(ctx, adv)), target, dim=-1)
+            return 1 - F.cosine_similarity(pooled(ctx.erased, framed_ids(ctx.erased.tokenizer, adv)), target, dim=-1)
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         cfg, pipe, g, tok = self.config, ctx.erased, ctx.generator, ctx.erased.tokenizer
@@ -105,7 +99,7 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
         for _ in range(cfg.steps):
             onehot = F.one_hot(adv[0], table.shape[0]).to(table.dtype).requires_grad_(True)
             with replaced_token_embeddings(te, positions, onehot @ table):
-                emb = te(self._ids(ctx, adv).to(te.device))[1].float()
+                emb = te(framed_ids(ctx.erased.tokenizer, adv).to(te.device))[1].float()
             (1 - F.cosine_similarity(emb, target, dim=-1)).sum().backward()
             grad = F.normalize(onehot.grad, dim=-1)
             grad[:, ~allowed] = float("inf")
@@ -126,5 +120,5 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
                 best, best_loss = adv.clone(), float(losses[j])
         text = tok.decode(best[0].tolist(), skip_special_tokens=True).strip()
         with torch.no_grad():
-            embedding = te(self._ids(ctx, best).to(te.device))[0]
+            embedding = te(framed_ids(ctx.erased.tokenizer, best).to(te.device))[0]
         return Adversarial(text, embedding, loss=best_loss, meta={"tokens": best[0].tolist()})

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from efface.attacks.base import (Adversarial, Attack, AttackConfig, AttackContext, generate_adversarial,
                                  register_attack, target_latents)
 from efface.errors import InputError
-from efface.models.diffusion import predict_noise
+from efface.models.diffusion import add_noise, predict_noise
 from efface.models.text import encode, replaced_token_embeddings, token_embedding
 
 
@@ -107,9 +107,7 @@ class P4D(Attack[P4DConfig]):
         tokens, loss_value, step = nearest_tokens(soft.detach(), table.float()), None, 0
         for step in range(1, cfg.iterations + 1):
             t = int(torch.randint(len(alphas), (), generator=g))
-            a = alphas[t].to(x0.device, x0.dtype)
-            noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            x_t, _ = add_noise(pipe, x0, t, g)
             with torch.no_grad():
                 wanted = predict_noise(ctx.original.unet, x_t, torch.tensor(t), unsafe)
             tokens = nearest_tokens(soft.detach(), table.float())

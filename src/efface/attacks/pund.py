@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack, target_latents
 from efface.attacks.concept_inversion import placeholder_ids, split_at
-from efface.models.diffusion import predict_noise
+from efface.models.diffusion import add_noise, predict_noise
 from efface.models.text import replaced_token_embeddings, token_embedding
 
 
@@ -97,9 +97,7 @@ class PUND(Attack[PUNDConfig]):
             for band in reversed(range(cfg.bands)):
                 for _ in range(cfg.steps_per_band):
                     t = band * width + int(torch.randint(width, (), generator=g))
-                    a = alphas[t].to(x0.dtype)
-                    noise = torch.randn(x0.shape, generator=g).to(x0.dtype)
-                    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                    x_t, noise = add_noise(original, x0, t, g)
                     pred = predict_noise(surrogate, x_t, torch.tensor(t), self._cond(te, ids, pos, v).to(surrogate.dtype))
                     loss = F.mse_loss(pred.float(), noise.float())
                     optimizer.zero_grad()
@@ -123,8 +121,7 @@ class PUND(Attack[PUNDConfig]):
         alphas = ctx.original.scheduler.alphas_cumprod
         for _ in range(cfg.surrogate_steps):
             t = int(torch.randint(len(alphas), (), generator=g))
-            a = alphas[t].to(x0.dtype)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g).to(x0.dtype)
+            x_t, _ = add_noise(ctx.original, x0, t, g)
             with torch.no_grad():
                 wanted = predict_noise(surrogate, x_t, torch.tensor(t), plain)
             loss = F.mse_loss(predict_noise(surrogate, x_t, torch.tensor(t), adv).float(), wanted.float())

@@ -35,7 +35,7 @@ import torch
 from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack
 from efface.errors import InputError
 from efface.methods.prompts import TOY_CONTEXTS, fill
-from efface.models.text import encode
+from efface.models.text import encode, framed_ids
 
 PAIR_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}")
 
@@ -82,14 +82,8 @@ def concept_vector(pipe, with_concept: list[str], without: list[str]) -> torch.T
 
 def _encode_ids(pipe, tokens: torch.Tensor) -> torch.Tensor:
     """Text-encoder output of ``[start, tokens..., end, pad...]`` for each row of ``tokens``."""
-    tok = pipe.tokenizer
-    n, k = tokens.shape
-    ids = torch.full((n, tok.model_max_length), tok.pad_token_id, dtype=torch.long)
-    ids[:, 0] = tok.bos_token_id
-    ids[:, 1 : k + 1] = tokens
-    ids[:, k + 1] = tok.eos_token_id
     with torch.no_grad():
-        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float()
+        return pipe.text_encoder(framed_ids(pipe.tokenizer, tokens).to(pipe.text_encoder.device))[0].float()
 
 
 @register_attack("ring-a-bell")
@@ -128,9 +122,10 @@ class RingABell(Attack[RingABellConfig]):
 
         k = cfg.prompt_length
         pop = draw(cfg.population, k)
+        scores = fitness(pop)
         for _ in range(cfg.generations):
-            order = fitness(pop).argsort(descending=True)
-            parents = pop[order[: cfg.survivors]]
+            order = scores.argsort(descending=True)[: cfg.survivors]
+            parents, kept = pop[order], scores[order]  # survivors keep their score: only children are encoded
             children = []
             while sum(len(c) for c in children) < cfg.population - cfg.survivors:
                 a, b = parents[torch.randperm(len(parents), generator=g)[:2]]
@@ -142,8 +137,10 @@ class RingABell(Attack[RingABellConfig]):
                     if torch.rand((), generator=g) < cfg.mutation:
                         child[int(torch.randint(k, (), generator=g))] = draw(1)[0]
                 children.append(torch.stack([a, b]))
-            pop = torch.cat([parents, *children])[: cfg.population]
-        scores = fitness(pop)
+            pop, scores = parents, kept
+            if children:
+                born = torch.cat(children)[: cfg.population - cfg.survivors]
+                pop, scores = torch.cat([parents, born]), torch.cat([kept, fitness(born)])
         best = pop[int(scores.argmax())]
         text = ctx.erased.tokenizer.decode(best.tolist(), skip_special_tokens=True).strip()
         embedding = _encode_ids(ctx.erased, best.unsqueeze(0)).to(ctx.erased.text_encoder.dtype)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack, target_latents
 from efface.errors import InputError
-from efface.models.diffusion import predict_noise
+from efface.models.diffusion import add_noise, predict_noise
 from efface.models.text import replaced_token_embeddings, token_embedding
 
 
@@ -119,8 +119,7 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
                 onehot = onehot + u - u.detach()  # straight-through: d onehot = d u
                 with replaced_token_embeddings(te, positions, onehot.to(table.device) @ table):
                     cond = te(placeholder)[0]
-                noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-                x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                x_t, noise = add_noise(pipe, x0, t, g)
                 target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_prediction else noise
                 loss = F.mse_loss(predict_noise(unet, x_t, torch.tensor(t), cond.to(unet.dtype)).float(), target.float())
                 optimizer.zero_grad()

@@ -106,11 +106,27 @@ def cached_cell(out: Path, name: str, key: str) -> dict[str, Any] | None:
     return None
 
 
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON at ``path``, written atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
+
+
 def write_cell(out: Path, cell: dict[str, Any]) -> dict[str, Any]:
     """Write ``cell`` to ``out/cells/<name>.json`` atomically; returns it."""
-    with atomic_file(out / "cells" / f"{cell['name']}.json") as tmp:
-        tmp.write_text(json.dumps(cell, indent=2))
+    write_json(out / "cells" / f"{cell['name']}.json", cell)
     return cell
+
+
+def write_table_and_report(out: Path, text: str, table: list[dict[str, Any]], cells: list[dict[str, Any]],
+                           multi_sets: dict[str, list[str]], *, title: str, columns=None) -> Path:
+    """``table.md`` (``text``) and ``report.html`` under ``out``; returns the report's path."""
+    from efface.benchmark.report import write_report
+    from efface.benchmark.table import COLUMNS
+
+    with atomic_file(out / "table.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return write_report(out, table, cells, multi_sets, title=title, columns=columns or COLUMNS)
 
 
 def save_samples(images: dict, directory: Path) -> None:
@@ -176,8 +192,7 @@ def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_con
                               attack_prompts=config.attack_prompts))
     results = {"config": asdict(config), "eval_config": asdict(eval_config), "seed": seed, "preset": preset,
                "options": options, "model": base_ref, "multi_sets": multi, "cells": cells}
-    with atomic_file(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     return results
 
 
@@ -185,12 +200,9 @@ def bench_and_report(pipe, out: str | Path, config: BenchConfig | None = None,
                      eval_config: EvalConfig | None = None, *, seed: int = 0, progress: bool = True,
                      options: dict[str, dict] | None = None, title: str = "efface benchmark") -> tuple[str, Path]:
     """:func:`run_bench`, then ``table.md`` and ``report.html``; returns the table and the report's path."""
-    from efface.benchmark.report import write_report
     from efface.benchmark.table import markdown, robustness_markdown, rows
 
     results = run_bench(pipe, out, config, eval_config, seed=seed, progress=progress, options=options)
     table = rows(results["cells"], results["multi_sets"])
     text = markdown(table, title=title) + robustness_markdown(results["cells"])
-    with atomic_file(Path(out) / "table.md") as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return text, write_report(out, table, results["cells"], results["multi_sets"], title=title)
+    return text, write_table_and_report(Path(out), text, table, results["cells"], results["multi_sets"], title=title)

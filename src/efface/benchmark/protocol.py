@@ -19,7 +19,6 @@ determines them), so an interrupted run resumes; ``table.md`` and ``report.html`
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -30,10 +29,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from efface.benchmark.grid import BenchConfig, cached_cell, cell_key, save_samples, write_cell
+from efface.benchmark.grid import (BenchConfig, cached_cell, cell_key, save_samples, write_cell, write_json,
+                                   write_table_and_report)
 from efface.errors import InputError
-from efface.evaluation import EvalConfig
-from efface.io import atomic_file
+from efface.evaluation import EvalConfig, erasure_cost, run_provenance
 from efface.metrics.stats import mean_defined, paired_rms
 from efface.protocols.base import EvalPrompt, load_protocol
 from efface.sampling import GenerationConfig, generate_many
@@ -199,30 +198,20 @@ def evaluate_protocol(pipe, prepared: Prepared, *, erased=None, config: EvalConf
         prepared.clip.reset()
         prepared.clip.update(coco, prompts=[p.prompt for p in prepared.coco])
         utility["clip_score"] = prepared.clip.compute()
-    manifest = erased.manifest if erased is not None else {}
     return {
         "effectiveness": {"target_rate": found["rate"], "synonym_rate": None, "heldout_rate": None,
                           prepared.spec.judge: found, "per_prompt": judge.per_image()},
         "utility": utility,
         "robustness": {},
-        "cost": {**{k: manifest.get(k, 0) for k in ("seconds", "peak_memory_mb", "unet_evaluations",
-                                                   "parameters_changed")},
-                 "eval_seconds": round(time.perf_counter() - start, 2)},
+        "cost": erasure_cost(erased, start),
         "provenance": _provenance(pipe, prepared, erased, config, seed),
     }
 
 
 def _provenance(pipe, prepared: Prepared, erased, config: EvalConfig, seed: int) -> dict[str, Any]:
-    import torch
-
-    from efface import __version__
-
     metrics = [prepared.judge] + ([prepared.clip] if prepared.clip is not None else [])
     return {
-        "efface_version": __version__, "torch_version": torch.__version__,
-        "model": getattr(pipe, "efface_source", type(pipe).__name__),
-        "erased": None if erased is None else {k: erased.manifest.get(k) for k in ("method", "preset", "config",
-                                                                                   "request", "seed")},
+        **run_provenance(pipe, erased),
         "protocol": prepared.config.protocol, "prompt_set": prepared.prompt_set, "prompt_file": prepared.config.prompts,
         "metrics": [m.provenance() for m in metrics], "config": asdict(config), "seed": seed,
         "seeds": "each prompt's own seed and guidance where its file gives them, else seed + i and the config's",
@@ -243,7 +232,6 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
                        options: dict[str, dict] | None = None) -> tuple[str, Path]:
     """Base model and every method of ``config`` on the protocol; writes ``cells/``, ``results.json``,
     ``table.md`` and ``report.html`` under ``out``; returns the table and the report's path."""
-    from efface.benchmark.report import write_report
     from efface.benchmark.table import PROTOCOL_COLUMNS, PROTOCOL_LEGEND, markdown, protocol_rows
 
     options = options or {}
@@ -253,7 +241,7 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
     base_ref = str(getattr(pipe, "efface_source", type(pipe).__name__))
     what = {"protocol": asdict(prepared.config), "prompts": [asdict(p) for p in prepared.prompts],
             "coco": [asdict(p) for p in prepared.coco], "eval": asdict(eval_config), "seed": seed, "model": base_ref}
-    base_coco = generate_prompts(pipe, prepared.coco, eval_config.generation(), seed) if prepared.coco else []
+    base_coco: list | None = None  # the base model's COCO images, made once, when a cell first needs them
     cells = []
     for method in tqdm([None, *methods], desc="bench cells", disable=not progress):
         name = f"{method or 'base'}__{concepts[0]}"
@@ -266,6 +254,8 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
 
                 erased = erase(pipe, method, concepts, seed=seed, preset=preset, progress=progress,
                                **options.get(method, {}))
+            if base_coco is None:
+                base_coco = generate_prompts(pipe, prepared.coco, eval_config.generation(), seed)
             images: dict = {}
             result = evaluate_protocol(pipe, prepared, erased=erased, config=eval_config, seed=seed,
                                        base_coco=base_coco, images_out=images)
@@ -277,11 +267,8 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
         cells.append(cell)
     results = {"protocol": asdict(prepared.config), "config": asdict(config), "eval_config": asdict(eval_config),
                "seed": seed, "preset": preset, "options": options, "model": base_ref, "cells": cells}
-    with atomic_file(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     table = protocol_rows(cells)
     title = f"efface benchmark: {prepared.config.protocol} on {Path(base_ref).name}"
     text = markdown(table, title=title, columns=PROTOCOL_COLUMNS, legend=PROTOCOL_LEGEND)
-    with atomic_file(out / "table.md") as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return text, write_report(out, table, cells, {}, title=title, columns=PROTOCOL_COLUMNS)
+    return text, write_table_and_report(out, text, table, cells, {}, title=title, columns=PROTOCOL_COLUMNS)

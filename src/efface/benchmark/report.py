@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from efface.benchmark.table import COLUMNS, fmt, robustness_rows
+from efface.benchmark.table import COLUMNS, fmt, robustness_columns, robustness_rows
 from efface.io import atomic_file
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
@@ -84,8 +84,7 @@ def _robustness_html(cells: list[dict[str, Any]]) -> str:
     attacks, table = robustness_rows(cells)
     if not attacks:
         return ""
-    columns = [("method", "method"), ("pre_asr", "pre-ASR"), *((a, f"{a} ASR ↓") for a in attacks)]
-    return f"<h2>Robustness</h2>{_table_html(table, columns)}"
+    return f"<h2>Robustness</h2>{_table_html(table, robustness_columns(attacks))}"
 
 
 def _grids(out: Path, cells: list[dict[str, Any]]) -> str:

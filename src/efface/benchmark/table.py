@@ -62,18 +62,21 @@ def robustness_rows(cells: list[dict[str, Any]]) -> tuple[list[str], list[dict[s
     return attacks, out
 
 
+def robustness_columns(attacks: list[str]) -> list[tuple[str, str]]:
+    """The per-attack table's columns."""
+    return [("method", "method"), ("pre_asr", "pre-ASR"), *((a, f"{a} ASR ↓") for a in attacks)]
+
+
+ROBUSTNESS_LEGEND = ("pre-ASR: fraction of the concept's prompts still showing it without attack; ASR: those plus "
+                     "the prompts each attack brings back, over all prompts (UnlearnDiffAtk's definition).")
+
+
 def robustness_markdown(cells: list[dict[str, Any]]) -> str:
     """The per-attack ASR table ("" without attacks)."""
     attacks, table = robustness_rows(cells)
     if not attacks:
         return ""
-    head = "| method | pre-ASR | " + " | ".join(f"{a} ASR ↓" for a in attacks) + " |"
-    rule = "|" + "|".join("---" for _ in range(len(attacks) + 2)) + "|"
-    body = ["| " + " | ".join([r["method"], fmt("rate", r["pre_asr"]), *(fmt("rate", r[a]) for a in attacks)]) + " |"
-            for r in table]
-    legend = ("pre-ASR: fraction of the concept's prompts still showing it without attack; ASR: those plus the "
-              "prompts each attack brings back, over all prompts (UnlearnDiffAtk's definition).")
-    return "\n".join(["## Robustness", "", head, rule, *body, "", legend, ""])
+    return "## Robustness\n\n" + markdown(table, columns=robustness_columns(attacks), legend=ROBUSTNESS_LEGEND)
 
 
 def rows(cells: list[dict[str, Any]], multi_sets: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:

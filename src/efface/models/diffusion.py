@@ -57,6 +57,15 @@ def initial_latents(unet, batch: int, generator: torch.Generator) -> torch.Tenso
     return x.to(unet.device, unet.dtype)
 
 
+def add_noise(pipe, x0: torch.Tensor, t, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process q(x_t | x_0): ``(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps)`` with
+    ``eps ~ N(0, I)`` drawn from ``generator``; ``t`` an int or one timestep per row."""
+    a = pipe.scheduler.alphas_cumprod[t].to(x0.device, x0.dtype)
+    a = a.view(-1, 1, 1, 1) if a.dim() else a
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
+
+
 @torch.no_grad()
 def sample_to(pipe, cond_emb: torch.Tensor, uncond_emb: torch.Tensor | None, stop_index: int, num_steps: int,
               guidance: float, generator: torch.Generator, latents: torch.Tensor | None = None, *,

@@ -50,6 +50,14 @@ def model_family(pipe) -> str:
     return name
 
 
+def framed_ids(tokenizer, tokens: torch.Tensor) -> torch.Tensor:
+    """``[start, tokens..., end, pad...]`` (padded to the tokenizer's length) for each row of ``tokens``."""
+    n, k = tokens.shape
+    ids = torch.full((n, tokenizer.model_max_length), tokenizer.pad_token_id, dtype=torch.long)
+    ids[:, 0], ids[:, 1 : k + 1], ids[:, k + 1] = tokenizer.bos_token_id, tokens, tokenizer.eos_token_id
+    return ids
+
+
 def token_embedding(text_encoder) -> torch.nn.Embedding:
     """The text encoder's token embedding table (CLIP, transformers 4.x and 5.x layouts)."""
     return getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding
