@@ -3,14 +3,16 @@
 For the base model and for each method (preset "toy", the CPU-sized schedule) prints: the toy
 classifier's circle rate on circle prompts (train words, and held-out synonyms in held-out
 templates), the shape accuracy on the other shapes, wall time and peak memory of the erasure.
-Expected (issue 3): circle rate < 0.20 for every method, other shapes within 10 points of base.
+Expected (issue 3): circle rate < 0.20 for every method, other shapes within 10 points of base
+(issue 6 asks < 0.30 for its methods; the script holds every method to 0.20).
 
 Every method gets the same request: erase the concept; preserve the other concepts of its axis
-(used by the methods with a preservation term, UCE and RECE, as in their papers; ignored, with a
-log line, by the others); anchor: the method's default, except for CA, whose paper always maps the
-target onto a named anchor concept: the first other concept of the axis ("square" for "circle").
-The request is the benchmark's own (`efface.benchmark.grid.request_for`). (With the empty anchor CA can only bring the circle
-rate down to that of toy-sd's shape-less prompts, "a red" and the like: 22%.)
+(used by the methods with a preservation term, as in their papers: UCE, RECE, MACE, AdvUnlearn,
+DoCo, SalUn; ignored, with a log line, by the others); anchor: the method's default, except for
+CA and DoCo, whose papers always map the target onto a named anchor concept: the first other
+concept of the axis ("square" for "circle"). The request is the benchmark's own
+(`efface.benchmark.grid.request_for`). (With the empty anchor CA can only bring the circle rate
+down to that of toy-sd's shape-less prompts, "a red" and the like: 22%.)
 Each method runs in its own subprocess so that its peak memory is its own.
 
     python bench/erasure_smoke.py [--methods uce,esd-x] [--n 48] [--concept circle]

@@ -16,7 +16,7 @@ def test_erase_writes_artifact_and_generate_applies_it(tiny_sd_dir, tmp_path):
     out = tmp_path / "uce-circle"
     assert main(["-q", "erase", "--model", str(tiny_sd_dir), "--method", "uce", "--concept", "circle",
                  "--concept", "star", "--preserve", "square", "--set", "lamb=0.3", "--seed", "0",
-                 "--out", str(out), "--save-pipeline"]) == 0
+                 "--out", str(out), "--save-pipeline", "--save-component", "unet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "uce" and manifest["config"]["lamb"] == 0.3
     assert manifest["request"]["concepts"] == ["circle", "star"]
@@ -33,6 +33,11 @@ def test_erase_writes_artifact_and_generate_applies_it(tiny_sd_dir, tmp_path):
     full = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
     key = next(iter(tensors))
     assert torch.equal(full.unet.get_parameter(key.partition(".")[2]), tensors[key])
+    # --save-component writes that model alone (e.g. AdvUnlearn's plug-in text encoder)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True)
+    assert torch.equal(unet.get_parameter(key.partition(".")[2]), tensors[key])
 
     assert main(["-q", "generate", "--model", str(tiny_sd_dir), "--erased", str(out), "--prompt", "a circle",
                  "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "g")]) == 0
@@ -67,3 +72,18 @@ def test_erase_without_quiet_shows_progress(tiny_sd_dir, tmp_path, capsys):
     assert main(["erase", "--model", str(tiny_sd_dir), "--method", "esd-x", "--concept", "circle",
                  "--set", "iterations=2", "--set", "ddim_steps=2", "--seed", "0", "--out", str(out)]) == 0
     assert (out / "manifest.json").exists() and "esd-x" in capsys.readouterr().err
+
+
+def test_erase_save_lora_writes_a_lora_plain_diffusers_loads(tiny_sd_dir, tmp_path, caplog):
+    out = tmp_path / "spm"
+    assert main(["erase", "--model", str(tmp_path / "no-model"), "--method", "uce", "--concept", "circle",
+                 "--save-lora", "--out", str(out)]) == 2  # refused before loading: uce has no adapter
+    assert "no LoRA export" in caplog.text and not out.exists()
+    assert main(["-q", "erase", "--model", str(tiny_sd_dir), "--method", "spm", "--concept", "circle",
+                 "--preset", "toy", "--set", "iterations=2", "--set", "ddim_steps=2", "--set", "batch_size=1",
+                 "--set", "lr=0.05", "--save-lora", "--out", str(out)]) == 0
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True)
+    pipe.load_lora_weights(out / "lora")
+    assert json.loads((out / "manifest.json").read_text())["adapter"]["kind"] == "spm"

@@ -87,16 +87,21 @@ def cmd_erase(args: argparse.Namespace) -> int:
     from efface.registry import METHODS
 
     cls = METHODS.get(args.method)  # unknown method / option / concept: fail before loading
+    if args.save_lora and not cls.exports_lora:
+        raise InputError(f"--save-lora: {args.method} has no LoRA export; methods with one: "
+                         f"{', '.join(n for n, c in METHODS.items() if c.exports_lora)}")
     preset = args.preset or ("toy" if args.model == "toy" else "paper")
     method = cls(preset=preset, **cfg.parse_assignments(cls.Config, args.set or [], owner=args.method))
     request = ErasureRequest.build(args.concept, args.anchor, args.preserve or (), default_anchor=cls.default_anchor)
     _refuse_existing(args)
     pipe = _load(args)
     erased = method.fit(pipe, request, seed=args.seed, progress=not args.quiet)
-    erased.save(args.out, pipe=pipe, save_pipeline=args.save_pipeline, overwrite=args.overwrite)
+    erased.save(args.out, pipe=pipe, save_pipeline=args.save_pipeline, components=tuple(args.save_component or ()),
+                lora=args.save_lora, overwrite=args.overwrite)
     m = erased.manifest
+    added = f", adapter {m['adapter']['kind']} ({m['adapter']['parameters']} parameters) added" if m["adapter"] else ""
     print(f"{args.out}: {m['method']} erased {', '.join(request.concepts)}; {m['tensors_changed']} tensors "
-          f"({m['parameters_changed']} parameters) changed in {m['seconds']:.1f} s")
+          f"({m['parameters_changed']} parameters) changed{added} in {m['seconds']:.1f} s")
     return 0
 
 
@@ -293,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--save-pipeline", action="store_true",
                    help="also write a complete diffusers pipeline (out/pipeline) with the edit applied")
+    p.add_argument("--save-component", action="append", choices=("unet", "text_encoder"),
+                   help="also write this component with the edit applied (out/<component>, diffusers format; "
+                        "e.g. text_encoder: AdvUnlearn's plug-in text encoder); repeat for several")
+    p.add_argument("--save-lora", action="store_true",
+                   help="also write the adapter as a LoRA plain diffusers loads (out/lora; spm: multiplier 1, "
+                        "no facilitated transport): pipe.load_lora_weights(out/lora)")
     _add_model_options(p)
     p.set_defaults(func=cmd_erase)
 

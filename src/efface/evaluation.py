@@ -170,13 +170,15 @@ def evaluate(pipe, concepts: str | list[str], *, erased=None, config: EvalConfig
 
 def erasure_cost(erased, start: float) -> dict[str, Any]:
     """The ``cost`` entry: the erasure's wall time, peak memory, UNet evaluations and parameters
-    changed (from its manifest; 0 for the base model), and the evaluation's seconds since ``start``."""
+    changed (from its manifest, an adapter's parameters included; 0 for the base model), and the
+    evaluation's seconds since ``start``."""
     manifest = erased.manifest if erased is not None else {}
+    adapter = manifest.get("adapter") or {}
     return {
         "seconds": manifest.get("seconds", 0.0),
         "peak_memory_mb": manifest.get("peak_memory_mb", 0.0),
         "unet_evaluations": manifest.get("unet_evaluations", 0),
-        "parameters_changed": manifest.get("parameters_changed", 0),
+        "parameters_changed": manifest.get("parameters_changed", 0) + adapter.get("parameters", 0),
         "eval_seconds": round(time.perf_counter() - start, 2),
     }
 

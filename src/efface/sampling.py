@@ -50,10 +50,12 @@ def generate(pipe, prompt: str, config: GenerationConfig | None = None, *, seed:
     return generate_many(pipe, [prompt] * config.num_images, config, seed=seed)
 
 
-def generate_many(pipe, prompts: list[str], config: GenerationConfig | None = None, *,
+def generate_many(pipe, prompts: list[str | torch.Tensor], config: GenerationConfig | None = None, *,
                   seed: int = 0, seeds: list[int] | None = None) -> list[Image.Image]:
     """One image per prompt; image ``i`` uses seed ``seed + i``, or ``seeds[i]`` when ``seeds`` is
-    given (``config.num_images`` is ignored)."""
+    given (``config.num_images`` is ignored). A prompt may also be a text-encoder output of shape
+    ``(1, tokens, dim)`` (an attack's adversarial embedding), used as it is; a batch holding one
+    is encoded with the pipeline's ``encode_prompt`` and sampled from embeddings."""
     config = config or GenerationConfig()
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -63,19 +65,27 @@ def generate_many(pipe, prompts: list[str], config: GenerationConfig | None = No
     for start in tqdm(starts, desc="batches", disable=len(starts) < 2):
         chunk = prompts[start : start + config.batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(chunk)]]
+        negative = [config.negative_prompt or ""] * len(chunk)
         with torch.inference_mode():
-            out = pipe(
-                chunk,
-                negative_prompt=[config.negative_prompt] * len(chunk) if config.negative_prompt else None,
-                num_inference_steps=config.steps,
-                guidance_scale=config.guidance,
-                height=config.height,
-                width=config.width,
-                generator=generators,
-                output_type="pil",
-            )
+            if all(isinstance(p, str) for p in chunk):
+                text = {"prompt": chunk, "negative_prompt": negative if config.negative_prompt else None}
+            else:
+                text = _embeddings(pipe, chunk, negative)
+            out = pipe(**text, num_inference_steps=config.steps, guidance_scale=config.guidance,
+                       height=config.height, width=config.width, generator=generators, output_type="pil")
         images.extend(out.images)
     return images
+
+
+def _embeddings(pipe, chunk: list[str | torch.Tensor], negative: list[str]) -> dict[str, torch.Tensor]:
+    """``prompt_embeds`` / ``negative_prompt_embeds`` for a batch mixing text and embeddings."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        return pipe.encode_prompt(texts, device, 1, False)[0].to(device, dtype)
+
+    rows = [p.to(device, dtype) if isinstance(p, torch.Tensor) else embed([p]) for p in chunk]
+    return {"prompt_embeds": torch.cat(rows), "negative_prompt_embeds": embed(negative)}
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:

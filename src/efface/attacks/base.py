@@ -31,7 +31,7 @@ from efface.config import resolve
 from efface.errors import InputError
 from efface.io import atomic_dir
 from efface.registry import ATTACKS
-from efface.sampling import GenerationConfig
+from efface.sampling import GenerationConfig, generate_many
 
 log = logging.getLogger(__name__)
 
@@ -172,24 +172,9 @@ class AttackResult:
 
 def generate_adversarial(pipe, adversarial: list[Adversarial], seeds: list[int], gen: GenerationConfig) -> list:
     """One image per adversarial prompt, with its seed, ``gen.batch_size`` at a time: text is
-    encoded as the pipeline encodes it, embeddings are used as they are; the empty prompt's
-    embedding is the negative."""
-    from efface.models.text import encode
-
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    with torch.inference_mode():
-        embeds = [(a.embedding if a.embedding is not None else encode(pipe, [a.prompt])).to(device, dtype)
-                  for a in adversarial]
-        negative = encode(pipe, [""]).to(device, dtype)
-        images: list = []
-        for start in range(0, len(embeds), gen.batch_size):
-            chunk = torch.cat(embeds[start : start + gen.batch_size])
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(chunk)]]
-            out = pipe(prompt_embeds=chunk, negative_prompt_embeds=negative.expand(len(chunk), -1, -1),
-                       num_inference_steps=gen.steps, guidance_scale=gen.guidance, height=gen.height, width=gen.width,
-                       generator=generators, output_type="pil")
-            images.extend(out.images)
-    return images
+    encoded as the pipeline encodes it, embeddings are used as they are."""
+    return generate_many(pipe, [a.embedding if a.embedding is not None else a.prompt for a in adversarial], gen,
+                         seeds=seeds)
 
 
 C = TypeVar("C", bound=AttackConfig)

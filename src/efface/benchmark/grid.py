@@ -26,9 +26,9 @@ from efface.toy.world import AXES, axis_of
 log = logging.getLogger(__name__)
 
 # methods whose paper always maps the target onto a named anchor concept (Concept Ablation: the
-# category, "grumpy cat" -> "cat"); the toy world has no category word, so they get the axis'
+# category, "grumpy cat" -> "cat"; DoCo, built on it: "painting" for "van gogh"); the toy world has no category word, so they get the axis'
 # first other concept. The others use their paper's default anchor.
-NAMED_ANCHOR = frozenset({"ca"})
+NAMED_ANCHOR = frozenset({"ca", "doco"})
 SAMPLES = 8  # images per group kept for the report
 
 

@@ -2,7 +2,9 @@
 
 A method subclasses :class:`ErasureMethod`, declares its ``Config`` dataclass, its paper and the
 model families it supports, and implements ``_fit``, which may change the pipeline's UNet / text
-encoder parameters in place. :meth:`ErasureMethod.fit` validates everything first, seeds, times the
+encoder parameters in place and may return an :class:`~efface.models.adapters.Adapter` (modules
+it adds, e.g. Receler's erasers, trained inside ``adapter.installed(pipe)``).
+:meth:`ErasureMethod.fit` validates everything first, seeds, times the
 run, then collects the changed parameters into an :class:`~efface.artifacts.ErasedModel` and
 restores the pipeline: the base model is never left modified.
 """
@@ -24,6 +26,7 @@ import torch
 from efface.artifacts import FORMAT, ErasedModel, base_fingerprint, base_hash
 from efface.config import resolve
 from efface.errors import InputError
+from efface.models.adapters import Adapter
 from efface.models.diffusion import count_unet_evaluations
 from efface.models.params import named_parameters
 from efface.models.text import check_fits, model_family
@@ -114,6 +117,7 @@ class ErasureMethod(ABC, Generic[C]):
     default_anchor: ClassVar[str] = ""
     parameter_set: ClassVar[str] = "all"  # the named set (efface.models.params) it may change
     preserves: ClassVar[bool] = False  # whether request.preserve enters the method's objective
+    exports_lora: ClassVar[bool] = False  # whether its adapter can be saved as a diffusers LoRA (ErasedModel.save(lora=True))
 
     def __init__(self, config: C | None = None, *, preset: str | None = None, **overrides):
         self.config, self.preset = resolve(self.Config, self.name, config, preset, overrides,
@@ -127,8 +131,9 @@ class ErasureMethod(ABC, Generic[C]):
         request.validate(pipe.tokenizer)
 
     @abstractmethod
-    def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
-        """Change the erased parameters of ``pipe`` in place."""
+    def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> Adapter | None:
+        """Change the erased parameters of ``pipe`` in place; return the adapter, if the method adds one
+        (uninstalled: the pipeline's processors and hooks as they were)."""
 
     def fit(self, pipe, request: ErasureRequest, *, seed: int = 0, progress: bool = True) -> ErasedModel:
         """Fit the erasure; the pipeline is left as it was, the result holds the changed tensors."""
@@ -144,8 +149,12 @@ class ErasureMethod(ABC, Generic[C]):
         start = time.perf_counter()
         try:
             with count_unet_evaluations() as unet_evaluations:
-                self._fit(pipe, request, generator, progress)
+                adapter = self._fit(pipe, request, generator, progress)
             seconds = time.perf_counter() - start
+            if adapter is not None:
+                adapter = adapter.to("cpu").requires_grad_(False).eval()
+                if not all(torch.isfinite(p).all() for p in adapter.parameters()):
+                    raise FloatingPointError(f"{self.name}: the adapter's weights became non-finite; nothing was saved")
             changed = {}
             with torch.no_grad():
                 for c, n, p in named_parameters(pipe):
@@ -177,11 +186,13 @@ class ErasureMethod(ABC, Generic[C]):
             "unet_evaluations": unet_evaluations.value,
             "tensors_changed": len(changed),
             "parameters_changed": int(sum(v.numel() for v in changed.values())),
+            "adapter": adapter.describe() if adapter is not None else None,
         }
         manifest = json.loads(json.dumps(manifest, default=str))  # exactly what save/load round-trips
-        log.info("%s: %d tensors (%d parameters) changed in %.1f s", self.name, len(changed),
-                 manifest["parameters_changed"], seconds)
-        return ErasedModel(changed, manifest, fingerprint)
+        log.info("%s: %d tensors (%d parameters) changed%s in %.1f s", self.name, len(changed),
+                 manifest["parameters_changed"],
+                 f", adapter {adapter.kind} ({manifest['adapter']['parameters']} parameters)" if adapter else "", seconds)
+        return ErasedModel(changed, manifest, fingerprint, adapter)
 
 
 def _version() -> str:

@@ -114,8 +114,9 @@ def random_index(n: int, generator: torch.Generator, size: int | None = None):
 
 def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter], iterations: int, *,
                 lr: float, name: str, progress: bool = True, optimizer: str = "adam",
-                weight_decay: float = 0.0) -> list[float]:
-    """Minimise ``loss_fn(i)`` for ``iterations`` steps with Adam (or ``"adamw"``) over ``params``.
+                weight_decay: float = 0.0, max_grad_norm: float = 0.0) -> list[float]:
+    """Minimise ``loss_fn(i)`` for ``iterations`` steps with Adam (or ``"adamw"``) over ``params``;
+    ``max_grad_norm`` > 0 clips the gradients' global norm before each step.
 
     Raises :class:`~efface.errors.TrainingDiverged` naming ``name`` and the (1-based) iteration
     when the loss is NaN or infinite. Gradients are cleared afterwards; returns the losses.
@@ -139,6 +140,8 @@ def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Pa
                 raise TrainingDiverged(f"{name}: the loss became {value} at iteration {i + 1} of {iterations}; "
                                        "nothing was kept. Lower the learning rate (lr=...) and try again")
             loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             losses.append(value)
             bar.set_postfix(loss=f"{value:.4g}")

@@ -9,7 +9,9 @@ and SDXL. ESD's sets follow the official code (github.com/rohitgandikota/erasing
 * ``noxattn``: everything but cross-attention, time embedding and the output layer (its norm and
   conv): ESD-u;
 * ``all``: every parameter: ESD-all;
-* ``text_encoder``: every text-encoder parameter (AdvUnlearn).
+* ``text_encoder``: every text-encoder parameter.
+* ``text_encoder_layers``: the text encoder's transformer layers and final layer norm, not its
+  token / position embeddings (AdvUnlearn's ``text_encoder_full``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ PARAMETER_SETS: dict[str, Callable[[str, str], bool]] = {
                           and not n.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))),
     "all": _unet_only(lambda n: True),
     "text_encoder": lambda component, name: component == "text_encoder",
+    "text_encoder_layers": lambda component, name: component == "text_encoder" and ".embeddings." not in f".{name}",
 }
 COMPONENTS = ("unet", "text_encoder")
 

@@ -1,0 +1,363 @@
+"""MACE: Mass Concept Erasure in Diffusion Models (Lu et al., CVPR 2024, arXiv 2403.06135).
+
+Three stages on every cross-attention key / value projection ``W`` (``attn2.to_k``, ``attn2.to_v``):
+
+1. **Closed-form refinement (CFR).** Each concept is put into every template (``"a photo of
+   {}"``) and the same template is filled with its mapping concept (the anchor). The keys are the
+   embeddings of the tokens that *co-occur* with the concept, not the concept's own tokens: the
+   tokens before it (common prefix) and every token after it (end-of-text and padding, aligned
+   from the end of each phrase), ``e^f``; each is mapped onto the original value of its counterpart
+   in the anchor prompt, ``W e^g``. With preserved prompts ``e^p`` (every token)::
+
+       W' = argmin  lamb ||W' - W||^2 + sum ||W' e^f - W e^g||^2 + s_p sum ||W' e^p - W e^p||^2
+
+   which is UCE's closed form (:func:`efface.methods.uce.uce_solve`, erase scale 1,
+   ``train_preserve_scale`` as s_p), solved per layer in float64.
+2. **One LoRA per concept** (rank ``rank``) on every ``to_k`` / ``to_v`` of the refined model,
+   trained separately for each concept on ``num_images`` images of it: the loss is the sum over
+   cross-attention layers of the Frobenius norm of the attention probabilities of the concept's
+   tokens (and, ``use_pooler``, of the end-of-text tokens, which in SD 1.x is every padding token)
+   at the pixels inside the concept's mask, for a noisy latent at a timestep drawn with the
+   official importance sampling (mostly t in 200..400) and a prompt from ``templates``.
+3. **Closed-form fusion** of all LoRAs: with ``e^f`` every token of the concept prompts of concept
+   i, ``Delta W_i`` its LoRA and ``W'`` the refined weights::
+
+       W* = argmin  lamb ||W* - W'||^2 + sum_i sum ||W* e^f - (W' + Delta W_i) e^f||^2
+                    + s_f sum ||W* e^p - W e^p||^2
+
+   (``fuse_preserve_scale`` as s_f; preserved values from the original weights, as the official
+   caches). The artifact is the fused ``to_k`` / ``to_v`` (parameter set ``xattn_kv``).
+
+Images and masks (``data``): ``"generate"`` (official) samples ``num_images`` images per concept
+from the original model with ``image_prompt`` ("a photo of the {}"), guidance 7.5; the official
+code then segments them with Grounded-SAM. Here the mask comes from ``segmenter``, a callable
+given to the constructor / ``erase()`` (``segmenter(images: list[PIL.Image], concept) -> N x H x W
+bool``, at any resolution), or by default from the sampling's own cross-attention maps of the
+concept tokens (where the map reaches ``mask_threshold`` of its maximum). ``"toy"`` (toy-sd only,
+shapes only) draws the images of the toy world (:func:`efface.toy.draw.draw`) and uses their exact
+shape masks: toy-sd's own training distribution, with the segmentation the toy world knows.
+
+Defaults are the official code's object configuration (github.com/Shilin-LU/MACE,
+``configs/object/erase_ship.yaml``, the README's example): lamb 1e3 (automobile 1e2, bird 10;
+celebrities, artists and nudity 0 with preservation caches), train / fuse preserve scale 0, rank
+1, AdamW lr 1e-5 (celebrities, artists 1e-4), weight decay 0.01, gradient norm clipped to 1, 50
+steps of batch 1, importance sampling on, ``use_pooler`` on, all 30 object prompt augmentations
+(``aug_length = prompt_len = 30``; ``src/cfr_utils.py``), 8 images per concept (README,
+``inference.py``: 30 DPM-Solver steps, guidance 7.5, "a photo of the {concept}").
+
+Differences from the official code, and why:
+
+* preservation uses the request's preserved concepts in the templates (every token, like the
+  official COCO / domain caches, which are not shipped); the official code's anchor ("ground",
+  "sky", "a person") is the request's anchor, default "" (name one for real models);
+* images are sampled with DDIM (``image_steps``) and kept as latents; the official code decodes
+  them to JPEG, re-encodes them with ImageNet normalisation (not the VAE's [-1, 1]) and random
+  crops; masks from attention maps replace Grounded-SAM unless a ``segmenter`` is given;
+* with ``batch_size`` > 1 every sample's own mask counts (the official loss reads the first sample);
+* all random draws come from the seeded generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from efface.errors import InputError
+from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.mace_attention import (AttentionLoss, MapRecorder, attention_processors, importance_weights,
+                                           make_loras)
+from efface.methods.prompts import TOY_CONTEXTS, fill, word_end
+from efface.methods.uce import uce_solve
+from efface.models.diffusion import add_noise, random_index, sample_to, train_steps
+from efface.models.params import named_parameters, select
+from efface.models.text import encode, token_count
+
+log = logging.getLogger(__name__)
+
+# the official object prompt augmentations (src/cfr_utils.py, prompt_augmentation), the first 30
+OBJECT_TEMPLATES: tuple[str, ...] = (
+    "{} in a photo", "{} in a snapshot", "A snapshot of {}", "A photograph showcasing {}", "An illustration of {}",
+    "A digital rendering of {}", "A visual representation of {}", "A graphic of {}", "A shot of {}",
+    "A photo of {}", "A black and white image of {}", "A depiction in portrait form of {}",
+    "A scene depicting {} during a public gathering", "{} captured in an image",
+    "A depiction created with oil paints capturing {}", "An image of {}", "A drawing capturing the essence of {}",
+    "An official photograph featuring {}", "A detailed sketch of {}", "{} during sunset/sunrise",
+    "{} in a detailed portrait", "An official photo of {}", "Historic photo of {}", "Detailed portrait of {}",
+    "A painting of {}", "HD picture of {}", "Magazine cover capturing {}", "Painting-like image of {}",
+    "Hand-drawn art of {}", "An oil portrait of {}",
+)
+Segmenter = Callable[[list, str], "np.ndarray | torch.Tensor"]
+
+
+@dataclass
+class MACEConfig(MethodConfig):
+    lamb: float = field(default=1e3, metadata={"help": "weight of the stay-close term of both closed forms (lambda)"})
+    train_preserve_scale: float = field(default=0.0, metadata={"help": "weight of preserved prompts in the CFR"})
+    fuse_preserve_scale: float = field(default=0.0, metadata={"help": "weight of preserved prompts in the fusion"})
+    templates: tuple[str, ...] = field(default=OBJECT_TEMPLATES, metadata={"help": "prompt augmentations, '{}' is "
+                                                                              "the concept (or anchor)"})
+    rank: int = field(default=1, metadata={"help": "rank of each concept's LoRA"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate of the LoRAs"})
+    iterations: int = field(default=50, metadata={"help": "LoRA training steps per concept"})
+    batch_size: int = field(default=1, metadata={"help": "images per LoRA step"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
+    importance_sampling: bool = field(default=True, metadata={"help": "draw timesteps mostly in 200..400 "
+                                                                      "(official), else uniformly"})
+    use_pooler: bool = field(default=True, metadata={"help": "also suppress the end-of-text tokens' attention"})
+    use_mask: bool = field(default=True, metadata={"help": "loss inside the concept's mask (off: every pixel, "
+                                                           "as for artistic styles)"})
+    data: str = field(default="generate", metadata={"help": "'generate' images with the model, or draw the "
+                                                            "'toy' world's (toy-sd shapes; exact masks)"})
+    num_images: int = field(default=8, metadata={"help": "images per concept"})
+    image_prompt: str = field(default="a photo of the {}", metadata={"help": "prompt of generated images"})
+    image_steps: int = field(default=30, metadata={"help": "DDIM steps of generated images"})
+    image_guidance: float = field(default=7.5, metadata={"help": "guidance scale of generated images"})
+    mask_threshold: float = field(default=0.5, metadata={"help": "attention-map mask: fraction of the map's "
+                                                                 "maximum (not official: Grounded-SAM)"})
+    solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for the closed forms"})
+
+    # toy-sd, 2 CPU cores: about 40 s per concept (bench/erasure_smoke.py: circle 0.17, others 1.00;
+    # five shapes at once in 3.5 min). The toy world's drawn images with their exact shape masks;
+    # toy-sd's keys are 64-d (norm ~10): SD's lamb 1e3 leaves circle at 0.96, lamb 1 erases; a
+    # larger LoRA step for the small model; the other shapes preserved in both closed forms
+    # (without: circle 0.38, others 0.93). docs/erasure.md, "MACE on toy-sd".
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "toy": {"templates": TOY_CONTEXTS, "data": "toy", "num_images": 32, "lr": 1e-3, "iterations": 100,
+                "batch_size": 4, "lamb": 1.0, "train_preserve_scale": 1.0, "fuse_preserve_scale": 1.0},
+    }
+
+    def __post_init__(self) -> None:
+        self.check_choices(data=("generate", "toy"), solve_dtype=("float32", "float64"))
+        self.check_templates("templates")
+        if self.image_prompt.count("{}") != 1:
+            raise InputError("image_prompt needs exactly one '{}' for the concept")
+        for name in ("rank", "iterations", "batch_size", "num_images", "image_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not self.lr > 0:
+            raise InputError(f"lr must be > 0, not {self.lr}")
+        if min(self.lamb, self.train_preserve_scale, self.fuse_preserve_scale, self.weight_decay,
+               self.max_grad_norm) < 0:
+            raise InputError("lamb, the preserve scales, weight_decay and max_grad_norm must be >= 0")
+        if not 0 < self.mask_threshold <= 1:
+            raise InputError(f"mask_threshold must be in (0, 1], not {self.mask_threshold}")
+
+
+def cooccurring_indices(tokenizer, old: str, new: str) -> tuple[list[int], list[int]]:
+    """Row-aligned token positions of the words around the concept in ``old`` and around the anchor
+    in ``new`` (official ``find_matching_indices``): the common prefix (start token included), then
+    the common suffix (end-of-text included) continued through the padding, aligned from the end
+    of each phrase, up to the padded length."""
+    a, b = tokenizer(old).input_ids, tokenizer(new).input_ids
+    prefix = 0
+    while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(a), len(b)) - prefix and a[len(a) - 1 - suffix] == b[len(b) - 1 - suffix]:
+        suffix += 1
+    start_a, start_b = len(a) - suffix, len(b) - suffix
+    n = tokenizer.model_max_length - max(start_a, start_b)
+    return (list(range(prefix)) + list(range(start_a, start_a + n)),
+            list(range(prefix)) + list(range(start_b, start_b + n)))
+
+
+def concept_positions(tokenizer, template: str, concept: str, use_pooler: bool) -> torch.Tensor:
+    """Boolean (T,) positions of ``concept``'s tokens in the padded ``fill(template, concept)``, and
+    with ``use_pooler`` of every end-of-text id (in CLIP SD 1.x tokenizers: padding too)."""
+    ids = tokenize_one(tokenizer, fill(template, concept))
+    end = word_end(tokenizer, template, concept)
+    n = len(tokenizer(concept, add_special_tokens=False).input_ids)
+    pos = torch.zeros(len(ids), dtype=torch.bool)
+    pos[end - n + 1 : end + 1] = True
+    if use_pooler:
+        pos |= ids == tokenizer.eos_token_id
+    return pos
+
+
+def tokenize_one(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids[0]
+
+
+def fuse(w_refined: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], preserve_keys: torch.Tensor,
+         preserve_values: torch.Tensor, *, lamb: float, preserve_scale: float, dtype=torch.float64) -> torch.Tensor:
+    """The fusion closed form (stage 3): least squares onto each LoRA's values, preserved rows onto
+    their original values, ``lamb`` towards the refined weights. Rows weighted by sqrt(scale) turn
+    it into UCE's solve with the preserved pairs as extra (key, value) rows."""
+    s = math.sqrt(preserve_scale)
+    keys = [*keys, s * preserve_keys.to(dtype)] if len(preserve_keys) and s > 0 else keys
+    values = [*values, s * preserve_values.to(dtype)] if len(preserve_keys) and s > 0 else values
+    return uce_solve(w_refined, keys, values, [], erase_scale=1.0, preserve_scale=0.0, lamb=lamb, dtype=dtype)
+
+
+@register_method("mace")
+class MACE(ErasureMethod[MACEConfig]):
+    """MACE: CFR of cross-attention K/V, one LoRA per concept, closed-form fusion (arXiv 2403.06135).
+
+    ``MACE(segmenter=fn)`` (or ``erase(..., segmenter=fn)``) segments generated images with ``fn``.
+    """
+
+    Config = MACEConfig
+    paper = "MACE: Mass Concept Erasure in Diffusion Models (Lu et al., CVPR 2024), arXiv 2403.06135"
+    parameter_set = "xattn_kv"
+    preserves = True
+
+    def __init__(self, config: MACEConfig | None = None, *, preset: str | None = None,
+                 segmenter: Segmenter | None = None, **overrides):
+        super().__init__(config, preset=preset, **overrides)
+        self.segmenter = segmenter
+
+    def check(self, pipe, request: ErasureRequest) -> None:
+        super().check(pipe, request)
+        cfg = self.config
+        if cfg.data == "toy":
+            from efface.toy.world import SHAPES
+
+            wrong = [c for c in request.concepts if c not in SHAPES]
+            if wrong:
+                raise InputError(f"data='toy' draws toy shapes only, not {wrong}; use data='generate'")
+        prompts = [fill(t, w) for t in (*cfg.templates, cfg.image_prompt)
+                   for w in (*request.concepts, *request.anchors, *request.preserve)]
+        if max(token_count(pipe.tokenizer, p) for p in prompts) > pipe.tokenizer.model_max_length:
+            raise InputError("a template filled with a concept is longer than the tokenizer keeps; "
+                             "shorten the templates or the concept")
+
+    def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
+        cfg = self.config
+        dtype = getattr(torch, cfg.solve_dtype)
+        for _, _, p in named_parameters(pipe):
+            p.requires_grad_(False)
+        weights = select(pipe, self.parameter_set)
+        original = {k: p.detach().clone() for k, p in weights.items()}
+        data = [self.images(pipe, c, generator) for c in request.concepts]  # from the original model
+        preserve = self.preserve_keys(pipe, request)
+        self.refine(pipe, request, preserve, dtype)
+        refined = {k: p.detach().clone() for k, p in weights.items()}
+        deltas = [self.train_lora(pipe, c, x0, masks, generator, progress)
+                  for c, (x0, masks) in zip(request.concepts, data)]
+        with torch.no_grad():
+            prompts = [encode(pipe, [fill(t, c) for t in cfg.templates]).double() for c in request.concepts]
+            p_keys = preserve.reshape(-1, preserve.shape[-1]) if preserve is not None else torch.zeros(0)
+            for key, param in weights.items():
+                w = refined[key].double()
+                keys = [e.reshape(-1, e.shape[-1]).to(w.device) for e in prompts]
+                values = [k @ (w + d[key].to(w.device, torch.float64)).T for k, d in zip(keys, deltas)]
+                p_vals = p_keys.to(w.device) @ original[key].double().T if len(p_keys) else p_keys
+                new = fuse(w, keys, values, p_keys.to(w.device), p_vals, lamb=cfg.lamb,
+                           preserve_scale=cfg.fuse_preserve_scale, dtype=dtype)
+                param.data.copy_(new.to(param.dtype))
+
+    def preserve_keys(self, pipe, request: ErasureRequest) -> torch.Tensor | None:
+        """Every token of each preserved concept in every template (P x T x D), or None."""
+        if not request.preserve:
+            return None
+        with torch.no_grad():
+            return encode(pipe, [fill(t, p) for p in request.preserve for t in self.config.templates]).double()
+
+    @torch.no_grad()
+    def refine(self, pipe, request: ErasureRequest, preserve: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """Stage 1, CFR: the co-occurring words' keys onto the anchor prompts' values, in place."""
+        cfg, tok = self.config, pipe.tokenizer
+        old, new, rows = [], [], []
+        for c, a in zip(request.concepts, request.anchors):
+            for t in cfg.templates:
+                old.append(fill(t, c)), new.append(fill(t, a))
+                rows.append(cooccurring_indices(tok, old[-1], new[-1]))
+        e_old, e_new = encode(pipe, old).double(), encode(pipe, new).double()
+        keys = torch.cat([e_old[i, r] for i, (r, _) in enumerate(rows)])
+        sources = torch.cat([e_new[i, r] for i, (_, r) in enumerate(rows)])
+        p_keys = [preserve.reshape(-1, preserve.shape[-1])] if preserve is not None else []
+        for param in select(pipe, self.parameter_set).values():
+            w = param.detach().double()
+            new_w = uce_solve(w, [keys.to(w.device)], [sources.to(w.device) @ w.T], [k.to(w.device) for k in p_keys],
+                              erase_scale=1.0, preserve_scale=cfg.train_preserve_scale, lamb=cfg.lamb, dtype=dtype)
+            param.data.copy_(new_w.to(param.dtype))
+
+    @torch.no_grad()
+    def images(self, pipe, concept: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``num_images`` latents x_0 of ``concept`` and their masks (N x 1 x H x W, or None)."""
+        cfg = self.config
+        if cfg.data == "toy":
+            return self._drawn(pipe, concept, generator)
+        unet, tok = pipe.unet, pipe.tokenizer
+        prompt = fill(cfg.image_prompt, concept)
+        cond = encode(pipe, [prompt] * cfg.num_images).to(unet.device, unet.dtype)
+        empty = encode(pipe, [""]).to(unet.device, unet.dtype)
+        pos = concept_positions(tok, cfg.image_prompt, concept, use_pooler=False).expand(cfg.num_images, -1)
+        size = unet.config.sample_size
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        recorder = MapRecorder(pos, hw)
+        with attention_processors(unet, recorder=recorder):
+            x0 = sample_to(pipe, cond, empty, cfg.image_steps, cfg.image_steps, cfg.image_guidance, generator)
+        if not cfg.use_mask:
+            return x0, None
+        if self.segmenter is None:
+            return x0, recorder.masks(cfg.mask_threshold)
+        log.info("mace: masks of %r from the injected segmenter %r (not recorded in the manifest)",
+                 concept, getattr(self.segmenter, "__name__", type(self.segmenter).__name__))
+        return x0, self._segment(pipe, x0, concept)
+
+    def _segment(self, pipe, x0: torch.Tensor, concept: str) -> torch.Tensor:
+        from PIL import Image
+
+        vae = pipe.vae
+        pixels = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample
+        arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        masks = torch.as_tensor(np.asarray(self.segmenter([Image.fromarray(a) for a in arrays], concept)))
+        if masks.ndim != 3 or masks.shape[0] != len(x0):
+            raise InputError(f"the segmenter returned shape {tuple(masks.shape)}; it must return one "
+                             f"H x W mask per image ({len(x0)} x H x W)")
+        return masks.bool()[:, None]
+
+    def _drawn(self, pipe, concept: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from efface.toy.draw import draw
+        from efface.toy.world import COLOURS, STYLES, Scene
+
+        rng = random.Random(random_index(2**31, generator))
+        scenes = [Scene(concept, rng.choice(COLOURS), rng.choice(STYLES)) for _ in range(self.config.num_images)]
+        drawn = [draw(scene, rng) for scene in scenes]
+        vae = pipe.vae
+        x = torch.from_numpy(np.stack([im for im, _ in drawn])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+        masks = torch.from_numpy(np.stack([m for _, m in drawn]))[:, None]
+        return latents.to(pipe.unet.device, pipe.unet.dtype), masks if self.config.use_mask else None
+
+    def train_lora(self, pipe, concept: str, x0: torch.Tensor, masks: torch.Tensor | None,
+                   generator: torch.Generator, progress: bool) -> dict[str, torch.Tensor]:
+        """Stage 2: one LoRA for ``concept`` on the refined model; returns Delta W per parameter key."""
+        cfg, unet, tok = self.config, pipe.unet, pipe.tokenizer
+        with torch.no_grad():
+            emb = encode(pipe, [fill(t, concept) for t in cfg.templates]).to(unet.device, unet.dtype)
+        positions = torch.stack([concept_positions(tok, t, concept, cfg.use_pooler) for t in cfg.templates])
+        loras = make_loras(unet, cfg.rank, generator)
+        params = [p for pair in loras.values() for lora in pair for p in lora.parameters()]
+        steps = pipe.scheduler.config.num_train_timesteps
+        p_t = importance_weights(steps) if cfg.importance_sampling else torch.full((steps,), 1.0 / steps)
+        loss_fn, n = AttentionLoss(), cfg.batch_size
+
+        def loss(_: int) -> torch.Tensor:
+            idx = random_index(len(x0), generator, n)
+            k = random_index(len(cfg.templates), generator, n)
+            t = torch.multinomial(p_t, n, replacement=True, generator=generator)
+            x_t, _ = add_noise(pipe, x0[idx], t, generator)
+            loss_fn.set(positions[k], masks[idx] if masks is not None else None, tuple(x0.shape[-2:]))
+            unet(x_t, t.to(unet.device), encoder_hidden_states=emb[k])
+            return loss_fn.value()
+
+        with attention_processors(unet, loras, loss_fn):
+            train_steps(loss, params, cfg.iterations, lr=cfg.lr, name=f"{self.name} ({concept})", progress=progress,
+                        optimizer="adamw", weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+        out = {}
+        for key in select(pipe, self.parameter_set):
+            module, _, rest = key.removeprefix("unet.").rpartition(".attn2.")
+            k_or_v = loras[f"{module}.attn2"][0 if rest.startswith("to_k") else 1]
+            out[key] = k_or_v.delta()
+        return out

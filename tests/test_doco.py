@@ -1,0 +1,94 @@
+"""DoCo's pieces: the gradient surgery removes exactly the conflicting part, the discriminator learns
+to tell the anchor domain from the target domain, and its adversarial loss rewards looking anchor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from efface.errors import InputError
+from efface.methods.doco import (DoCoConfig, PatchDiscriminator, adversarial_loss, discriminator_loss,
+                                 predicted_x0, project_conflicting)
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    return [float((x.double() * y.double()).sum()) for x, y in zip(a, b)]
+
+
+def test_surgery_removes_the_conflict_and_keeps_the_rest():
+    g = torch.Generator().manual_seed(0)
+    g_p = [torch.randn(6, 5, generator=g), torch.randn(7, generator=g)]
+    conflicting = -2.0 * g_p[0] + 0.3 * torch.randn(6, 5, generator=g)
+    agreeing = g_p[1] + 0.3 * torch.randn(7, generator=g)
+    g_u = [conflicting, agreeing]
+    assert _dot(g_u, g_p)[0] < 0 < _dot(g_u, g_p)[1]
+    out = project_conflicting(g_u, g_p)
+    after = _dot(out, g_p)
+    assert after[0] == pytest.approx(0.0, abs=1e-5)  # projected onto g_p's normal plane
+    assert torch.equal(out[1], agreeing)  # no conflict: unchanged
+    # only the component along g_p was removed: the orthogonal part is intact
+    p = g_p[0] / g_p[0].norm()
+    orth = conflicting - (conflicting * p).sum() * p
+    torch.testing.assert_close(out[0], orth, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_surgery_scale_and_zero_preservation_gradient():
+    g_p = [torch.tensor([1.0, 0.0])]
+    g_u = [torch.tensor([-2.0, 1.0])]
+    half = project_conflicting(g_u, g_p, scale=0.5)
+    torch.testing.assert_close(half[0], torch.tensor([-1.0, 1.0]))
+    assert _dot(project_conflicting(g_u, g_p, scale=1.0), g_p)[0] >= 0
+    zero = project_conflicting(g_u, [torch.zeros(2)])
+    assert torch.equal(zero[0], g_u[0])
+
+
+def test_discriminator_learns_the_domains_and_the_adversarial_loss_rewards_the_anchor_domain():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    anchor = lambda n: torch.randn(n, 4, 8, 8, generator=g) + 1.0  # noqa: E731
+    target = lambda n: torch.randn(n, 4, 8, 8, generator=g) - 1.0  # noqa: E731
+    d = PatchDiscriminator(4, PatchDiscriminator.blocks_for(8))
+    opt = torch.optim.Adam(d.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    with torch.no_grad():
+        start = float(discriminator_loss(d, anchor(16), target(16)))
+    for _ in range(30):
+        opt.zero_grad()
+        discriminator_loss(d, anchor(16), target(16)).backward()
+        opt.step()
+    real, fake = anchor(32), target(32)
+    with torch.no_grad():
+        end = float(discriminator_loss(d, real, fake))
+        assert end < start and end < 2 * torch.log(torch.tensor(2.0))  # better than chance
+        assert (d(real) < 0).float().mean() > 0.9 and (d(fake) > 0).float().mean() > 0.9  # anchor 0, target 1
+        assert float(adversarial_loss(d, real)) < float(adversarial_loss(d, fake))
+    # a small step of the target latents down the adversarial gradient moves them towards the anchor domain
+    x = fake.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(adversarial_loss(d, x), x)
+    assert float((-grad * (real.mean(0) - fake.mean(0))).sum()) > 0
+
+
+def test_discriminator_depth_fits_the_latent_size():
+    assert [PatchDiscriminator.blocks_for(s) for s in (4, 8, 16, 64, 128)] == [1, 2, 3, 4, 4]
+    for size in (4, 8, 16, 64):
+        out = PatchDiscriminator(4, PatchDiscriminator.blocks_for(size))(torch.randn(2, 4, size, size))
+        assert out.shape[:2] == (2, 1) and min(out.shape[-2:]) >= 1
+    with pytest.raises(InputError, match="too small"):
+        PatchDiscriminator.blocks_for(2)
+
+
+def test_predicted_x0_inverts_the_forward_process():
+    abar = torch.linspace(0.99, 0.01, 1000)
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    a = abar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    torch.testing.assert_close(predicted_x0(abar, x_t, eps, t), x0, rtol=1e-4, atol=1e-4)
+
+
+def test_doco_config_refuses_bad_values():
+    with pytest.raises(InputError, match="warmup"):
+        DoCoConfig(iterations=10, warmup=10)
+    with pytest.raises(InputError, match="discriminator_lr"):
+        DoCoConfig(discriminator_lr=0)
+    with pytest.raises(InputError, match="parameters"):
+        DoCoConfig(parameters="xattn")

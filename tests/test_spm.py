@@ -1,0 +1,167 @@
+"""SPM: the membranes start as the identity, facilitated transport opens them only for their concept,
+several compose as stated, and the LoRA export is what plain diffusers loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from efface.errors import InputError
+from efface.methods import erase
+from efface.methods.spm import SPMConfig, anchor_embeddings
+from efface.methods.spm_membranes import SPMAdapter, membrane_layers, transport_rates
+from efface.models.text import encode
+
+from conftest import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline()
+
+
+def _eps(pipe, prompts: list[str], seed: int = 0) -> torch.Tensor:
+    x = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=encode(pipe, prompts)).sample
+
+
+def _adapter(pipe, concepts: list[str], seed: int = 0, **options) -> SPMAdapter:
+    """Membranes with random (non-zero) up-projections, so that they act."""
+    g = torch.Generator().manual_seed(seed)
+    adapter = SPMAdapter(membrane_layers(pipe.unet), concepts, **options).reset(g)
+    with torch.no_grad():
+        for membrane in adapter.membranes:
+            for up in membrane.up.values():
+                up.copy_(torch.randn(up.shape, generator=g) * 0.5)
+    return adapter
+
+
+def test_membranes_sit_on_every_linear_and_conv_of_the_transformer_blocks(pipe):
+    layers = membrane_layers(pipe.unet)
+    assert any(n.endswith("attn2.to_k") for n in layers) and any(n.endswith("ff.net.2") for n in layers)
+    assert any(n.endswith("proj_in") and len(s) == 8 for n, s in layers.items())  # a 1x1 convolution here
+    assert all(".attentions." in n for n in layers)  # nothing outside Transformer2DModel
+
+
+def test_membrane_is_the_identity_at_initialisation(pipe):
+    adapter = SPMAdapter(membrane_layers(pipe.unet), ["circle"]).reset(torch.Generator().manual_seed(0))
+    assert all(not u.detach().any() for u in adapter.membranes[0].up.values())
+    assert all(d.detach().all() for d in adapter.membranes[0].down.values())
+    base = _eps(pipe, ["circle", "a square"])
+    with adapter.installed(pipe), adapter.fixed(1.0):
+        torch.testing.assert_close(_eps(pipe, ["circle", "a square"]), base, rtol=0, atol=0)
+
+
+def test_transport_rate_is_one_for_the_concept_and_zero_for_an_unrelated_prompt():
+    concept = torch.zeros(1, 4, 3)
+    concept[0, 1, 0] = 1.0
+    unrelated = torch.zeros(1, 4, 3)
+    unrelated[0, 2, 1] = 1.0  # orthogonal hidden states
+    both = torch.cat([concept, unrelated, unrelated, unrelated])
+    tokens = [frozenset({5}), frozenset({7, 8}), frozenset({7, 5}), None]
+    rates = transport_rates(both, tokens, concept, [frozenset({5})])
+    assert rates[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0]  # same / unrelated / names it / tokens unknown
+    half = transport_rates(unrelated, [frozenset({5})], concept, [frozenset({5, 6})])
+    assert half.item() == pytest.approx(0.5)  # half the concept's tokens
+
+
+def test_each_batch_row_gets_its_own_rate_in_a_plain_diffusers_call(pipe):
+    adapter = _adapter(pipe, ["circle"])
+    with adapter.installed(pipe):
+        pipe("a red circle", negative_prompt="a square", num_inference_steps=1, guidance_scale=2.0,
+             output_type="latent", generator=torch.Generator().manual_seed(0))
+        rates = adapter.last_rates
+    assert rates.shape == (2, 1)
+    negative, positive = rates[:, 0].tolist()  # diffusers puts the negative prompt first
+    assert positive == 1.0 and negative < 1.0
+    concept, square = encode(pipe, ["circle", "a square"])
+    cosine = torch.cosine_similarity(concept.flatten(), square.flatten(), dim=0).item()
+    assert negative == pytest.approx(cosine, abs=1e-5)
+
+
+def test_transport_opens_the_membrane_for_its_concept_only(pipe):
+    adapter = _adapter(pipe, ["circle"])
+    prompts = ["a red circle", "a square"]
+    base = _eps(pipe, prompts)
+    with adapter.installed(pipe):
+        transported = _eps(pipe, prompts)
+        gamma = adapter.last_rates[:, 0].tolist()
+        with adapter.fixed(1.0):
+            full = _eps(pipe, prompts)
+    assert gamma[0] == 1.0 and 0 < gamma[1] < 1
+    torch.testing.assert_close(transported[0], full[0])  # the concept's row passes fully
+    change, full_change = (transported[1] - base[1]).norm(), (full[1] - base[1]).norm()
+    assert 0 < change < full_change  # the unrelated row gets a smaller dose (gamma^2 when merged)
+
+
+@pytest.mark.parametrize("composition", ["merged", "sum"])
+def test_two_membranes_compose_as_stated(pipe, composition):
+    adapter = _adapter(pipe, ["circle", "square"], composition=composition)
+    name = next(n for n, s in adapter.layers.items() if n.endswith("attn2.to_v"))
+    x = torch.randn(3, 5, adapter.layers[name][0], generator=torch.Generator().manual_seed(1))
+    m = torch.tensor([[1.0, 0.0], [0.3, 0.9], [0.5, 0.5]])
+    key = name.replace(".", "_")
+    (d1, d2), (u1, u2) = [mb.down[key] for mb in adapter.membranes], [mb.up[key] for mb in adapter.membranes]
+    with torch.no_grad():
+        got = adapter.delta(name, x, m)
+        for b in range(3):
+            m1, m2 = m[b]
+            if composition == "merged":  # official infer_spm.py: rate-scaled weights summed
+                want = x[b] @ (m1 * d1 + m2 * d2).T @ (m1 * u1 + m2 * u2).T
+            else:
+                want = m1 * x[b] @ d1.T @ u1.T + m2 * x[b] @ d2.T @ u2.T
+            torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-6)
+    # a membrane at multiplier 0 is no membrane: the pair equals the first alone
+    single = SPMAdapter(adapter.layers, ["circle"], composition=composition)
+    single.membranes[0].load_state_dict(adapter.membranes[0].state_dict())
+    with adapter.installed(pipe), adapter.fixed([1.0, 0.0]):
+        pair = _eps(pipe, ["circle"])
+    with single.installed(pipe), single.fixed(1.0):
+        torch.testing.assert_close(_eps(pipe, ["circle"]), pair, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("composition", ["merged", "sum"])
+def test_lora_export_loads_in_plain_diffusers_and_matches_multiplier_one(composition, tmp_path):
+    pipe = build_tiny_pipeline()
+    adapter = _adapter(pipe, ["circle", "square"], composition=composition)
+    prompts = ["a red circle", "a square"]
+    base = _eps(pipe, prompts)
+    with adapter.installed(pipe), adapter.fixed(1.0):
+        expected = _eps(pipe, prompts)
+    assert not torch.allclose(expected, base)
+    adapter.save_lora(tmp_path)
+    pipe.load_lora_weights(tmp_path)
+    try:
+        torch.testing.assert_close(_eps(pipe, prompts), expected, rtol=1e-4, atol=1e-5)
+    finally:
+        pipe.unload_lora_weights()
+    torch.testing.assert_close(_eps(pipe, prompts), base, rtol=0, atol=0)
+
+
+def test_anchor_batch_alternates_empty_and_random_embeddings_of_the_concepts_norm():
+    target, empty = torch.randn(1, 6, 4), torch.randn(1, 6, 4)
+    anchors = anchor_embeddings(target, empty, 6, torch.Generator().manual_seed(0))
+    assert anchors.shape == (6, 6, 4)
+    assert all(torch.equal(anchors[j], empty[0]) for j in (0, 2, 4))
+    ratios = [float(anchors[j].norm() / target.norm()) for j in (1, 3, 5)]
+    assert all(0.8 <= r <= 1.2 for r in ratios)
+    again = anchor_embeddings(target, empty, 6, torch.Generator().manual_seed(0))
+    assert torch.equal(anchors, again)
+
+
+def test_fit_trains_one_membrane_per_concept_and_changes_no_base_weight(pipe):
+    erased = erase(pipe, "spm", ["circle", "square"], progress=False, iterations=2, lr=5e-2, ddim_steps=3,
+                   anchor_batch=2, seed=0)
+    assert not erased.tensors and erased.adapter.concepts == ["circle", "square"]
+    for membrane in erased.adapter.membranes:
+        assert any(u.detach().any() for u in membrane.up.values())
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(InputError, match="multiple of batch_size"):
+        SPMConfig(batch_size=3, anchor_batch=4)
+    with pytest.raises(InputError, match="composition"):
+        SPMConfig(composition="product")
+    with pytest.raises(InputError, match="ddim_steps"):
+        SPMConfig(ddim_steps=1)
