@@ -108,6 +108,19 @@ def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
     return rows
 
 
+def check_bounds(obj, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = ()) -> None:
+    """Refuse a field of dataclass ``obj`` below its bound (counts >= 1, weights >= 0, rates > 0)
+    with an :class:`~efface.errors.InputError` naming the field and its value."""
+    from efface.errors import InputError
+
+    for names, ok, bound in ((at_least_one, lambda v: v >= 1, "at least 1"), (non_negative, lambda v: v >= 0, ">= 0"),
+                             (positive, lambda v: v > 0, "> 0")):
+        for name in names:
+            if not ok(getattr(obj, name)):
+                raise InputError(f"{name} must be {bound}, not {getattr(obj, name)}")
+
+
 def resolve(cls: type[T], owner: str, config: T | None, preset: str | None, overrides: dict[str, Any],
             presets: dict[str, dict]) -> tuple[T, str]:
     """The config of a registered method or attack: ``config`` (or ``cls()``), then the preset's

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from efface.config import check_bounds
 from efface.errors import InputError
 from efface.metrics.stats import mean_defined
 from efface.metrics.toy import ConceptRate, ImageDrift, toy_classifier
@@ -52,9 +53,7 @@ class EvalConfig:
     kid_subsets: int = field(default=20, metadata={"help": "KID subsets"})
 
     def __post_init__(self) -> None:
-        for name in ("n", "n_other", "steps", "batch_size", "kid_subsets"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
+        check_bounds(self, at_least_one=("n", "n_other", "steps", "batch_size", "kid_subsets"))
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(steps=self.steps, guidance=self.guidance, batch_size=self.batch_size)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from efface.config import check_bounds
 from efface.errors import InputError
 from efface.io import atomic_dir
 
@@ -35,9 +36,7 @@ class GenerationConfig:
     batch_size: int = field(default=16, metadata={"help": "images per pipeline call"})
 
     def __post_init__(self) -> None:
-        for name in ("num_images", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
+        check_bounds(self, at_least_one=("num_images", "steps", "batch_size"))
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from efface.config import resolve
+from efface.config import check_bounds, resolve
 from efface.errors import InputError
 from efface.io import atomic_dir
 from efface.registry import ATTACKS
@@ -54,11 +54,7 @@ class AttackConfig:
 
     def check_counts(self, *names: str) -> None:
         """Refuse integer fields ``names`` below 1 and a learning rate ``lr`` (if any) not above 0."""
-        for name in names:
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if hasattr(self, "lr") and not self.lr > 0:
-            raise InputError(f"lr must be > 0, not {self.lr}")
+        check_bounds(self, at_least_one=names, positive=("lr",) if hasattr(self, "lr") else ())
 
 
 def target_latents(pipe, images: list) -> torch.distributions.Distribution:

@@ -108,16 +108,9 @@ class AdvUnlearnConfig(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "ddim_steps", "batch_size", "adv_prompt_num", "attack_step",
-                     "adv_prompt_update_step", "retain_batch"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("warmup_iter", "retain_loss_w"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, not {getattr(self, name)}")
-        for name in ("lr", "attack_lr"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be > 0, not {getattr(self, name)}")
+        self.check_bounds(at_least_one=("iterations", "ddim_steps", "batch_size", "adv_prompt_num", "attack_step",
+                                        "adv_prompt_update_step", "retain_batch"),
+                          non_negative=("warmup_iter", "retain_loss_w"), positive=("lr", "attack_lr"))
         self.check_choices(train_method=tuple(TRAIN_METHODS), attack_method=("pgd", "fast_at"),
                            attack_init=("random", "latest"))
         self.check_templates("templates", "retain_templates")

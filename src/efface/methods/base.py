@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from efface.artifacts import FORMAT, ErasedModel, base_fingerprint, base_hash
-from efface.config import resolve
+from efface.config import check_bounds, resolve
 from efface.errors import InputError
 from efface.models.adapters import Adapter
 from efface.models.diffusion import count_unet_evaluations
@@ -95,6 +95,11 @@ class MethodConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise InputError(f"{name} must be one of {', '.join(map(str, valid))}, not {getattr(self, name)!r}")
+
+    def check_bounds(self, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                     positive: tuple[str, ...] = ()) -> None:
+        """Refuse counts below 1, weights below 0 and rates not above 0 (fields named)."""
+        check_bounds(self, at_least_one=at_least_one, non_negative=non_negative, positive=positive)
 
     def check_templates(self, *names: str) -> None:
         """Refuse prompt templates (fields ``names``) without exactly one ``{}`` slot."""

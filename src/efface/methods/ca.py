@@ -102,11 +102,8 @@ class CAConfig(MethodConfig):
         self.check_choices(variant=("model", "noise"), concept_type=("object", "style"),
                            parameters=("xattn_kv", "all"), target_model=("frozen", "current"))
         self.check_templates("templates")
-        for name in ("iterations", "batch_size", "num_anchor_images", "anchor_steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.regularization_weight < 0:
-            raise InputError("lr must be > 0; weight_decay and regularization_weight >= 0")
+        self.check_bounds(at_least_one=("iterations", "batch_size", "num_anchor_images", "anchor_steps"),
+                          non_negative=("weight_decay", "regularization_weight"), positive=("lr",))
 
 
 def prompt_pairs(concept: str, anchor: str, concept_type: str, tokenizer=None,

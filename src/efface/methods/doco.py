@@ -116,15 +116,11 @@ class DoCoConfig(MethodConfig):
     def __post_init__(self) -> None:
         self.check_choices(concept_type=("object", "style"), parameters=("xattn_kv", "all"))
         self.check_templates("templates")
-        for name in ("iterations", "batch_size", "num_anchor_images", "anchor_steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
+        self.check_bounds(at_least_one=("iterations", "batch_size", "num_anchor_images", "anchor_steps"),
+                          non_negative=("weight_decay", "surgery_scale", "preserve_weight", "max_grad_norm"),
+                          positive=("lr", "discriminator_lr"))
         if not 0 <= self.warmup < self.iterations:
             raise InputError(f"warmup must be in [0, iterations), not {self.warmup} (iterations {self.iterations})")
-        if not (self.lr > 0 and self.discriminator_lr > 0):
-            raise InputError("lr and discriminator_lr must be > 0")
-        if min(self.weight_decay, self.surgery_scale, self.preserve_weight, self.max_grad_norm) < 0:
-            raise InputError("weight_decay, surgery_scale, preserve_weight and max_grad_norm must be >= 0")
 
 
 class PatchDiscriminator(nn.Module):

@@ -49,7 +49,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.prompts import TOY_CONTEXTS, fill
 from efface.models.diffusion import (ddim_scheduler, frozen_copy, initial_latents, predict_noise, random_index,
@@ -84,11 +83,7 @@ class ESDConfig(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "ddim_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, not {self.lr}")
+        self.check_bounds(at_least_one=("iterations", "ddim_steps", "batch_size"), positive=("lr",))
         self.check_choices(sample_with=("trained", "frozen"))
         self.check_templates("templates")
 

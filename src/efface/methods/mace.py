@@ -139,14 +139,9 @@ class MACEConfig(MethodConfig):
         self.check_templates("templates")
         if self.image_prompt.count("{}") != 1:
             raise InputError("image_prompt needs exactly one '{}' for the concept")
-        for name in ("rank", "iterations", "batch_size", "num_images", "image_steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, not {self.lr}")
-        if min(self.lamb, self.train_preserve_scale, self.fuse_preserve_scale, self.weight_decay,
-               self.max_grad_norm) < 0:
-            raise InputError("lamb, the preserve scales, weight_decay and max_grad_norm must be >= 0")
+        self.check_bounds(at_least_one=("rank", "iterations", "batch_size", "num_images", "image_steps"),
+                          non_negative=("lamb", "train_preserve_scale", "fuse_preserve_scale", "weight_decay",
+                                        "max_grad_norm"), positive=("lr",))
         if not 0 < self.mask_threshold <= 1:
             raise InputError(f"mask_threshold must be in (0, 1], not {self.mask_threshold}")
 

@@ -29,7 +29,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from efface.errors import InputError
 from efface.methods.base import ErasureRequest, register_method
 from efface.methods.esd import ESD, ESDConfig
 from efface.models.diffusion import frozen_copy, predict_noise
@@ -54,10 +53,7 @@ class RACEConfig(ESDConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.esd_iterations < 0:
-            raise InputError(f"esd_iterations must be >= 0, not {self.esd_iterations}")
-        if not self.epsilon > 0:
-            raise InputError(f"epsilon must be > 0, not {self.epsilon}")
+        self.check_bounds(non_negative=("esd_iterations",), positive=("epsilon",))
         self.check_choices(train_method=tuple(TRAIN_METHODS))
 
 

@@ -123,15 +123,10 @@ class ReceLerConfig(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "ddim_steps", "batch_size", "rank", "adversarial_tokens", "mask_resolution"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("adversarial_steps", "adversarial_start", "concept_reg_weight", "adversarial_weight_decay"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, not {getattr(self, name)}")
-        for name in ("lr", "adversarial_lr"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be > 0, not {getattr(self, name)}")
+        self.check_bounds(at_least_one=("iterations", "ddim_steps", "batch_size", "rank", "adversarial_tokens",
+                                        "mask_resolution"),
+                          non_negative=("adversarial_steps", "adversarial_start", "concept_reg_weight",
+                                        "adversarial_weight_decay"), positive=("lr", "adversarial_lr"))
         if not 0 <= self.mask_threshold <= 1:
             raise InputError(f"mask_threshold must be in [0, 1] (the map is normalised), not {self.mask_threshold}")
         self.check_templates("templates")

@@ -109,13 +109,8 @@ class SalUnConfig(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size", "num_images", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, not {self.lr}")
-        if self.alpha < 0:
-            raise InputError(f"alpha must be >= 0, not {self.alpha}")
+        self.check_bounds(at_least_one=("iterations", "batch_size", "num_images", "sample_steps"),
+                          non_negative=("alpha",), positive=("lr",))
         if not 0 < self.mask_ratio <= 1:
             raise InputError(f"mask_ratio must be in (0, 1], not {self.mask_ratio}")
         self.check_choices(retain_target=("noise", "original"))

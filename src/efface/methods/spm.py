@@ -113,16 +113,11 @@ class SPMConfig(MethodConfig):
     }
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "rank", "batch_size", "anchor_batch"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
+        self.check_bounds(at_least_one=("iterations", "rank", "batch_size", "anchor_batch"),
+                          non_negative=("la_strength", "weight_decay"), positive=("lr", "alpha"))
         if self.ddim_steps < 2:
             raise InputError(f"ddim_steps must be at least 2 (x_t is taken after 1 to ddim_steps - 1 steps), "
                              f"not {self.ddim_steps}")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, not {self.lr}")
-        if self.la_strength < 0 or self.weight_decay < 0 or not self.alpha > 0:
-            raise InputError("la_strength and weight_decay must be >= 0 and alpha > 0")
         if self.anchor_batch % self.batch_size:
             raise InputError(f"anchor_batch ({self.anchor_batch}) must be a multiple of batch_size ({self.batch_size})")
         self.check_choices(composition=COMPOSITIONS)
