@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.esd import esd_target
-from efface.methods.prompts import TOY_CONTEXTS, fill
+from efface.methods.prompts import TOY_CONTEXTS, draw_row, fill, filled
 from efface.models.diffusion import (ddim_scheduler, frozen_copy, initial_latents, predict_noise, random_index,
                                      sample_to, train_steps, trainable)
 from efface.models.text import encode, framed_ids, replaced_token_embeddings, token_embedding, tokenize
@@ -179,13 +179,13 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
         cfg, unet, te = self.config, pipe.unet, pipe.text_encoder
         k = cfg.adv_prompt_num
-        prompts = [fill(t, c) for c in request.concepts for t in cfg.templates]
-        retain = [fill(t, p) for p in request.preserve for t in cfg.retain_templates]
+        prompts = filled(cfg.templates, request.concepts)
+        retain = filled(cfg.retain_templates, request.preserve)
         if not retain and cfg.retain_loss_w > 0:
             log.info("%s: nothing to preserve, the retain loss is left out", self.name)
         with torch.no_grad():  # tau*: the original encoder's conditionings (row i: prompts[i])
             concepts = encode(pipe, prompts).to(unet.device, unet.dtype)
-            anchors = encode(pipe, [fill(t, a) for a in request.anchors for t in cfg.templates])
+            anchors = encode(pipe, filled(cfg.templates, request.anchors))
             anchors = anchors.to(unet.device, unet.dtype)
             empty = encode(pipe, [""]).to(unet.device, unet.dtype)
             retained = encode(pipe, retain).to(unet.device, unet.dtype) if retain else None
@@ -214,9 +214,7 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
 
         def loss(i: int) -> torch.Tensor:
             if i % cfg.adv_prompt_update_step == 0:
-                state["row"] = random_index(len(request.concepts), generator) * len(cfg.templates)
-                if len(cfg.templates) > 1:
-                    state["row"] += random_index(len(cfg.templates), generator)
+                state["row"] = draw_row(len(request.concepts), len(cfg.templates), generator)
                 if i >= cfg.warmup_iter:
                     if cfg.attack_init == "latest" and state["adv"] is not None:
                         start = state["adv"]

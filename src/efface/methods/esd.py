@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.methods.prompts import TOY_CONTEXTS, fill
+from efface.methods.prompts import TOY_CONTEXTS, draw_row, filled
 from efface.models.diffusion import (ddim_scheduler, frozen_copy, initial_latents, predict_noise, random_index,
                                      sample_to, train_steps, trainable)
 from efface.models.text import encode
@@ -117,8 +117,8 @@ class ESD(ErasureMethod[ESDConfig]):
         sampler = unet if cfg.sample_with == "trained" else frozen
         templates = cfg.templates
         with torch.no_grad():  # row k * len(templates) + j: concept k in template j
-            concepts = encode(pipe, [fill(t, c) for c in request.concepts for t in templates])
-            anchors = encode(pipe, [fill(t, a) for a in request.anchors for t in templates])
+            concepts = encode(pipe, filled(templates, request.concepts))
+            anchors = encode(pipe, filled(templates, request.anchors))
             concepts, anchors = (e.to(unet.device, unet.dtype) for e in (concepts, anchors))
             empty = encode(pipe, [""]).to(unet.device, unet.dtype)
         timesteps = ddim_scheduler(pipe, cfg.ddim_steps).timesteps
@@ -126,9 +126,7 @@ class ESD(ErasureMethod[ESDConfig]):
         n = cfg.batch_size
 
         def loss(_: int) -> torch.Tensor:
-            k = random_index(len(request.concepts), generator) * len(templates)
-            if len(templates) > 1:
-                k += random_index(len(templates), generator)
+            k = draw_row(len(request.concepts), len(templates), generator)
             step = random_index(cfg.ddim_steps, generator)
             c = concepts[k : k + 1].expand(n, -1, -1)
             a = anchors[k : k + 1].expand(n, -1, -1)

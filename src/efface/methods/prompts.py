@@ -8,6 +8,8 @@ codes use phrasings of the captions their models were trained on ("image of {}",
 
 from __future__ import annotations
 
+import torch
+
 from efface.toy.world import COLOURS, STYLES
 
 # toy-sd's training captions with the shape slot left open: "a red {}", "a striped picture of a red {}"
@@ -20,6 +22,20 @@ TOY_CONTEXTS: tuple[str, ...] = (
 def fill(template: str, word: str) -> str:
     """``template`` with ``word`` in its slot, spaces collapsed (``fill("a {}", "") == "a"``)."""
     return " ".join(template.format(word).split()).strip(" ,")
+
+
+def filled(templates: tuple[str, ...], words) -> list[str]:
+    """Every word in every template, row ``k * len(templates) + j`` = word ``k`` in template ``j``:
+    the prompt table of methods that train a concept in context (ESD, Receler, AdvUnlearn)."""
+    return [fill(t, w) for w in words for t in templates]
+
+
+def draw_row(n_words: int, n_templates: int, generator: torch.Generator) -> int:
+    """A uniform row of a :func:`filled` table: the word first, then (with several templates) the template."""
+    row = int(torch.randint(n_words, (1,), generator=generator)) * n_templates
+    if n_templates > 1:
+        row += int(torch.randint(n_templates, (1,), generator=generator))
+    return row
 
 
 def word_end(tokenizer, template: str, word: str) -> int:

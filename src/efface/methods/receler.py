@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.esd import esd_target
-from efface.methods.prompts import TOY_CONTEXTS, fill, word_end
+from efface.methods.prompts import TOY_CONTEXTS, draw_row, fill, filled, word_end
 from efface.models.adapters import Adapter, Installed, register_adapter, wrap_attention_processors
 from efface.models.diffusion import (ddim_scheduler, initial_latents, predict_noise, random_index, sample_to,
                                      train_steps)
@@ -317,8 +317,8 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
             return encode(pipe, prompts).to(unet.device, unet.dtype)
 
         with torch.no_grad():  # row k * len(templates) + j: concept k in template j
-            concepts = text([fill(t, c) for c in request.concepts for t in templates])
-            anchors = text([fill(t, a) for a in request.anchors for t in templates])
+            concepts = text(filled(templates, request.concepts))
+            anchors = text(filled(templates, request.anchors))
             empty = text([""])
         ends = [word_end(tok, t, c) for c in request.concepts for t in templates]
         lengths = [len(tok(c, add_special_tokens=False).input_ids) for c in request.concepts for _ in templates]
@@ -330,8 +330,8 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
         n = cfg.batch_size
 
         def loss(i: int) -> torch.Tensor:
-            concept = random_index(len(request.concepts), generator)
-            k = concept * len(templates) + (random_index(len(templates), generator) if len(templates) > 1 else 0)
+            k = draw_row(len(request.concepts), len(templates), generator)
+            concept = k // len(templates)
             step = random_index(cfg.ddim_steps, generator)
             c, a = concepts[k : k + 1].expand(n, -1, -1), anchors[k : k + 1].expand(n, -1, -1)
             x_T = initial_latents(unet, n, generator)
