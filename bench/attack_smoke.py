@@ -26,6 +26,7 @@ from efface.methods import erase
 from efface.registry import ATTACKS
 from efface.robustness import attack_success, toy_features, toy_judge, toy_prompts
 from efface.sampling import GenerationConfig
+from efface.toy.presets import attack_setup, method_setup
 
 GEN = GenerationConfig(steps=25, guidance=7.5)
 
@@ -46,12 +47,14 @@ def main() -> int:
     rows = []
     print(f"{'method':<8} {'attack':<16} {'pre-ASR':>8} {'ASR':>6} {'seconds':>8}", flush=True)
     for method in args.methods.split(","):
-        erased = erase(original, method, [args.concept], seed=args.seed, preset="toy", progress=False,
+        preset, inputs = method_setup(method, original)  # the toy preset and inputs, as efface erase --model toy
+        erased = erase(original, method, [args.concept], seed=args.seed, preset=preset, progress=False, **inputs,
                        **request_for(method, [args.concept]))
         erased_pipe = copy.deepcopy(original)
         erased.apply(erased_pipe)
         for name in args.attacks.split(","):
-            attack = ATTACKS.get(name)(preset="toy")
+            preset, inputs = attack_setup(name, original)
+            attack = ATTACKS.get(name)(preset=preset, **inputs)
             start = time.perf_counter()
             measures, _ = attack_success(attack, erased_pipe, args.concept, prompts, judge=judge, original=original,
                                          seed=args.seed, generation=GEN, progress=False, features=features)

@@ -31,6 +31,7 @@ from efface.methods import erase
 from efface.sampling import GenerationConfig
 from efface.toy import CLASSIFIER
 from efface.toy.classifier import ToyClassifier
+from efface.toy.presets import method_setup
 from efface.toy.quality import toy_accuracy
 from efface.toy.world import AXES, SHAPES, prompts_for
 
@@ -79,7 +80,8 @@ def main() -> int:
     request = request_for(args.method, concepts)
     if args.anchor is not None:
         request["anchor"] = args.anchor
-    erased = erase(pipe, args.method, concepts, seed=args.seed, preset="toy", progress=False, **request)
+    preset, inputs = method_setup(args.method, pipe)  # the toy preset and inputs, as efface erase --model toy
+    erased = erase(pipe, args.method, concepts, seed=args.seed, preset=preset, progress=False, **inputs, **request)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with erased.applied(pipe):

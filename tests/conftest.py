@@ -67,3 +67,35 @@ def toy():
     pipe = load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """``get(family) -> Path``: the tiny pipeline of ``family`` (see tests/families.py) saved as a diffusers
+    directory (safetensors); built and saved once per family per session. Treat the directory as read-only."""
+    from families import build
+
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{family}") / "pipe"
+            build(family).save_pretrained(path, safe_serialization=True)
+            cache[family] = path
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_pipe(family_dirs):
+    """``load(family) -> pipeline``: a fresh pipeline loaded from ``family_dirs(family)`` through the real
+    ``efface.load_pipeline`` (CPU, fp32), progress bars off. Each call loads anew, so tests may edit it."""
+    from efface import load_pipeline
+
+    def load(family: str):
+        pipe = load_pipeline(family_dirs(family))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load

@@ -15,7 +15,7 @@ from conftest import build_tiny_pipeline
 def _eps(pipe):
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=encode(pipe, ["a circle"])).sample
+        return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=encode(pipe, ["a circle"]).embeds).sample
 
 
 def test_wrapped_processors_change_the_output_and_are_restored():

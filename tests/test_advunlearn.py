@@ -9,14 +9,16 @@ import torch.nn.functional as F
 
 from efface.errors import InputError
 from efface.methods import erase
-from efface.methods.advunlearn import AdvUnlearnConfig, adversarial_condition, prefix_attack, prefixed_ids
-from efface.models.diffusion import predict_noise
+from efface.methods.advunlearn import AdvUnlearnConfig, adversarial_condition, prefix_attack, prefixed_prompt
+from efface.models.diffusion import predict
+from efface.models.params import select
 from efface.models.text import encode, token_embedding
+from efface.toy.presets import method_preset
 
 from conftest import build_tiny_pipeline
 
-FAST = {"preset": "toy", "iterations": 4, "warmup_iter": 2, "attack_step": 2, "lr": 1e-2, "ddim_steps": 4,
-        "batch_size": 2, "retain_batch": 2, "progress": False}
+FAST = {"preset": method_preset("advunlearn"), "iterations": 4, "warmup_iter": 2, "attack_step": 2, "lr": 1e-2,
+        "ddim_steps": 4, "batch_size": 2, "retain_batch": 2, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -24,25 +26,24 @@ def pipe():
     return build_tiny_pipeline()
 
 
-def test_prefixed_ids_put_k_slots_between_start_and_prompt(pipe):
+def test_prefixed_prompt_puts_k_slots_between_start_and_prompt(pipe):
     tok = pipe.tokenizer
-    ids = prefixed_ids(tok, "a red circle", 2)[0].tolist()
+    ids = tok(prefixed_prompt(pipe, "a red circle", 2)).input_ids
     prompt = tok("a red circle").input_ids
-    assert ids[:3] == [tok.bos_token_id, tok.pad_token_id, tok.pad_token_id]
-    assert ids[3 : 3 + len(prompt) - 1] == prompt[1:]  # the prompt's tokens and its end token
-    assert len(ids) == tok.model_max_length
+    assert ids[0] == tok.bos_token_id and ids[1] == ids[2] not in (tok.bos_token_id, tok.eos_token_id)
+    assert ids[3:] == prompt[1:]  # the prompt's tokens and its end token
 
 
 def test_adversarial_condition_changes_only_the_k_slots(pipe):
     """The attack's budget is k token embeddings: with the slots' own embeddings the conditioning is
     exactly the plain encoding, and only through the slots does it change."""
-    te = pipe.text_encoder
-    ids = prefixed_ids(pipe.tokenizer, "a circle", 3)
-    own = token_embedding(te).weight[ids[0, 1:4]].detach()
+    text = prefixed_prompt(pipe, "a circle", 3)
+    ids = torch.tensor(pipe.tokenizer(text).input_ids)
+    own = token_embedding(pipe.text_encoder).weight[ids[1:4]].detach()
     with torch.no_grad():
-        plain = te(ids)[0]
-        same = adversarial_condition(te, ids, own)
-        moved = adversarial_condition(te, ids, own + 1.0)
+        plain = encode(pipe, [text]).embeds
+        same = adversarial_condition(pipe, text, [own]).embeds
+        moved = adversarial_condition(pipe, text, [own + 1.0]).embeds
     torch.testing.assert_close(same, plain, rtol=0, atol=0)
     assert torch.equal(moved[:, 0], plain[:, 0])  # the start token sees nothing after it (causal)
     assert not torch.allclose(moved[:, 1:], plain[:, 1:])
@@ -54,16 +55,16 @@ def test_prefix_attack_brings_the_concept_prediction_closer(pipe, signed):
     g = torch.Generator().manual_seed(0)
     x_t, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor(500)
     with torch.no_grad():
-        e_p = predict_noise(unet, x_t, t, encode(pipe, ["a circle"])) + 0.1 * torch.randn(2, 4, 16, 16, generator=g)
-    ids = prefixed_ids(pipe.tokenizer, "a circle", 2)
-    start = token_embedding(te).weight[torch.tensor([5, 9])].detach()
+        e_p = predict(pipe, x_t, t, encode(pipe, ["a circle"])) + 0.1 * torch.randn(2, 4, 16, 16, generator=g)
+    text = prefixed_prompt(pipe, "a circle", 2)
+    start = [token_embedding(te).weight[torch.tensor([5, 9])].detach()]
 
     def attack_loss(adv):
         with torch.no_grad():
-            return float(F.mse_loss(predict_noise(unet, x_t, t, adversarial_condition(te, ids, adv)), e_p))
+            return float(F.mse_loss(predict(pipe, x_t, t, adversarial_condition(pipe, text, adv)), e_p))
 
-    adv, losses = prefix_attack(te, unet, ids, start, lambda: (x_t, t, e_p), 20, 0.05, signed)
-    assert adv.shape == start.shape
+    adv, losses = prefix_attack(pipe, text, start, lambda: (x_t, t, e_p), 20, 0.05, signed)
+    assert len(adv) == 1 and adv[0].shape == start[0].shape
     assert attack_loss(adv) < attack_loss(start)
     assert losses[0] == pytest.approx(attack_loss(start), rel=1e-5)
     assert all(p.grad is None for p in [*unet.parameters(), *te.parameters()])  # the model gets no gradient
@@ -93,7 +94,7 @@ def test_retain_loss_holds_the_preserved_prompts(pipe):
     def state():
         with torch.no_grad():
             c = encode(pipe, ["square"])
-            return c, predict_noise(pipe.unet, x_t, t, c)
+            return c.embeds, predict(pipe, x_t, t, c)
 
     (c0, e0) = state()
 
@@ -123,3 +124,67 @@ def test_config_refuses_bad_values():
         AdvUnlearnConfig(attack_step=0)
     with pytest.raises(InputError, match="retain_templates"):
         AdvUnlearnConfig(retain_templates=("a photo",))
+
+
+def test_an_attack_starts_even_when_warmup_ends_off_the_update_grid(pipe):
+    erased = erase(pipe, "advunlearn", ["circle"], seed=0, **{**FAST, "warmup_iter": 1, "adv_prompt_update_step": 2})
+    assert erased.tensors
+
+
+# --- other model families ------------------------------------------------------------------------------
+
+
+def test_sdxl_attack_perturbs_both_text_encoders(family_pipe):
+    """On SDXL each encoder has its own table: with the slots' own rows in both the conditioning is the
+    plain encoding; a perturbation in the second encoder's slots alone moves its states and the pooled
+    embedding, not the first encoder's part of the sequence."""
+    pipe = family_pipe("sdxl")
+    text = prefixed_prompt(pipe, "a circle", 2)
+    own = []
+    for tok, te in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = torch.tensor(tok(text).input_ids)
+        own.append(token_embedding(te).weight[ids[1:3]].detach())
+    width = pipe.text_encoder.config.hidden_size
+    with torch.no_grad():
+        plain = encode(pipe, [text])
+        same = adversarial_condition(pipe, text, own)
+        moved = adversarial_condition(pipe, text, [own[0], own[1] + 1.0])
+    torch.testing.assert_close(same.embeds, plain.embeds, rtol=0, atol=0)
+    torch.testing.assert_close(same.pooled, plain.pooled, rtol=0, atol=0)
+    assert torch.equal(moved.embeds[..., :width], plain.embeds[..., :width])
+    assert not torch.allclose(moved.embeds[..., width:], plain.embeds[..., width:])
+    assert not torch.allclose(moved.pooled, plain.pooled)
+    with pytest.raises(ValueError, match="2 text encoders"):
+        adversarial_condition(pipe, text, own[:1])
+
+
+@pytest.mark.parametrize("family,encoders", [("sd2-v", ("text_encoder",)), ("sdxl", ("text_encoder", "text_encoder_2"))])
+def test_default_trains_every_text_encoders_layers_and_moves_the_concept(family_pipe, family, encoders):
+    pipe = family_pipe(family)
+    declared = {k: v.detach().clone() for k, v in select(pipe, "text_encoder_layers").items()}
+    with torch.no_grad():
+        before = encode(pipe, ["circle"])
+    erased = erase(pipe, "advunlearn", ["circle"], preserve=["square"], seed=0, **{**FAST, "lr": 1e-3})
+    assert erased.tensors and set(erased.tensors) <= set(declared)
+    assert {k.partition(".")[0] for k in erased.tensors} == set(encoders)  # SDXL: both encoders are trained
+    assert not any(".embeddings." in f".{k.partition('.')[2]}" for k in erased.tensors)
+    assert erased.manifest["base"]["family"] == {"sd2-v": "sd"}.get(family, family)
+    with erased.applied(pipe), torch.no_grad():
+        after = encode(pipe, ["circle"])
+    assert not torch.allclose(after.embeds, before.embeds)
+    if before.pooled is not None:
+        assert not torch.allclose(after.pooled, before.pooled)
+    assert all(torch.equal(p, declared[k]) for k, p in select(pipe, "text_encoder_layers").items())
+
+
+def test_sdxl_unet_train_method_changes_only_that_unet_set(family_pipe):
+    pipe = family_pipe("sdxl")
+    erased = erase(pipe, "advunlearn", ["circle"], preserve=["square"], seed=0, train_method="xattn", **FAST)
+    assert erased.tensors and set(erased.tensors) <= set(select(pipe, "xattn"))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_families_are_refused_before_any_work(family_pipe, family):
+    pipe = family_pipe(family)
+    with pytest.raises(InputError, match=rf"advunlearn supports sd, sdxl models, not {family}: the soft-prompt attack"):
+        erase(pipe, "advunlearn", ["circle"], seed=0, **FAST)

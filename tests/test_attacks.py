@@ -220,3 +220,64 @@ def test_mma_diffusion_never_uses_a_banned_token(pipes):
     pieces = [tok.convert_ids_to_tokens(t).replace("</w>", "") for t in result.adversarial[0].meta["tokens"]]
     assert not any("circle" in p or "red" in p for p in pieces)
     assert result.adversarial[0].loss <= 2.0
+
+
+TEXT_ONLY = ("no-attack", "riatig", "synonyms")  # change the prompt's text only; every family
+
+
+def _tiny(family):
+    from families import build
+
+    pipe = build(family)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_token_attacks_refuse_other_families_before_any_work_saying_why(pipes):
+    original, _ = pipes
+    sdxl = _tiny("sdxl")
+    for name in sorted(TINY):
+        cls = ATTACKS.get(name)
+        if name in TEXT_ONLY:
+            assert cls.families == {"sd", "sdxl", "sd3", "flux"}
+            continue
+        assert cls.families == {"sd"} and set(cls.family_notes) == {"sdxl", "sd3", "flux"}
+        with pytest.raises(InputError, match=f"{name} supports sd models, not sdxl: .*CLIP"):
+            cls(**TINY[name]).run(sdxl, "circle", PROMPTS, original=sdxl, generation=GEN, progress=False)
+    with pytest.raises(InputError, match=r"not sdxl \(the original model\)"):  # the original is checked too
+        ATTACKS.get("p4d-n")(**TINY["p4d-n"]).run(original, "circle", PROMPTS, original=sdxl, generation=GEN,
+                                                  progress=False)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_text_only_attacks_run_on_every_family(family):
+    pipe = _tiny(family)
+    for name in TEXT_ONLY:
+        result = ATTACKS.get(name)(**TINY[name]).run(pipe, "circle", PROMPTS, original=pipe, generation=GEN,
+                                                     progress=False, features=pixel_features)
+        assert len(result.images) == len(PROMPTS) and result.images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("name", ["concept-inversion", "unlearndiffatk"])
+def test_denoising_attacks_regress_the_models_own_target_on_v_prediction(name, monkeypatch):
+    """The regression target is add_noise's (v on a v-prediction model): a denoiser that outputs
+    exactly that target has zero loss."""
+    import importlib
+
+    module = importlib.import_module(f"efface.attacks.{name.replace('-', '_')}")
+    pipe, seen = _tiny("sd2-v"), []
+    add_noise, predict = module.add_noise, module.predict
+
+    def recording(*args):
+        x_t, target = add_noise(*args)
+        seen.append(target)
+        return x_t, target
+
+    def oracle(pipe, x_t, t, cond, *args, **kwargs):
+        return seen[-1] + 0 * predict(pipe, x_t, t, cond, *args, **kwargs)  # keeps the graph to the prompt
+
+    monkeypatch.setattr(module, "add_noise", recording)
+    monkeypatch.setattr(module, "predict", oracle)
+    result = ATTACKS.get(name)(**TINY[name]).run(pipe, "circle", PROMPTS, original=pipe, generation=GEN,
+                                                 progress=False)
+    assert seen and all(a.loss == 0.0 for a in result.adversarial)

@@ -52,6 +52,7 @@ def test_erase_writes_artifact_and_generate_applies_it(tiny_sd_dir, tmp_path):
     (["--method", "uce", "--concept", "circle", "--set", "lamb=abc"], "lamb=abc"),
     (["--method", "uce", "--concept", ""], "empty concept"),
     (["--method", "uce", "--concept", "circle", "--preset", "fast"], "valid presets"),
+    (["--method", "uce", "--concept", "circle", "--preset", "toy"], "is not a toy model"),
 ])
 def test_erase_refuses_bad_input_before_loading(argv, message, tmp_path, caplog):
     # the model path does not exist: these must fail on the input, before any loading
@@ -80,8 +81,10 @@ def test_erase_save_lora_writes_a_lora_plain_diffusers_loads(tiny_sd_dir, tmp_pa
                  "--save-lora", "--out", str(out)]) == 2  # refused before loading: uce has no adapter
     assert "no LoRA export" in caplog.text and not out.exists()
     assert main(["-q", "erase", "--model", str(tiny_sd_dir), "--method", "spm", "--concept", "circle",
-                 "--preset", "toy", "--set", "iterations=2", "--set", "ddim_steps=2", "--set", "batch_size=1",
-                 "--set", "lr=0.05", "--save-lora", "--out", str(out)]) == 0
+                 "--set", "iterations=2", "--set", "ddim_steps=2", "--set", "batch_size=1", "--set", "lr=0.05",
+                 # spm's toy preset, spelled out (--preset toy is for toy-sd only)
+                 "--set", "la_strength=30", "--set", "anchor_batch=4", "--set", "negative_guidance=6",
+                 "--set", "composition=sum", "--save-lora", "--out", str(out)]) == 0
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True)

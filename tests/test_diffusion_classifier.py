@@ -131,3 +131,37 @@ def test_toy_sd_recognises_the_shape_it_drew(toy):
 
     imgs = generate_many(toy, [f"a {s}" for s in SHAPES], GenerationConfig(steps=20, guidance=7.5), seed=0)
     assert DiffusionClassifier(toy, TOY).classify(imgs, [f"a {s}" for s in SHAPES]) == list(range(len(SHAPES)))
+
+
+@pytest.mark.parametrize("family", ["sd2-v", "sdxl", "sd3", "flux"])
+def test_every_model_family_is_judged_and_its_denoiser_calls_counted(family):
+    from families import build
+
+    dc = DiffusionClassifier(build(family), TOY, progress=False)
+    with count_unet_evaluations() as hooked:
+        s = dc.scores(images(2), CANDIDATES)
+    assert all(0 <= p < len(CANDIDATES) for p in s.predictions) and torch.isfinite(s.errors).all()
+    assert dc.unet_evaluations == hooked.value == 2 * (4 * 8 + 2 * (32 - 8))
+
+
+def test_flow_matching_error_is_against_the_velocity():
+    """Flux: x_t = (1 - t/T) x_0 + (t/T) eps and the model is compared with eps - x_0 (not eps)."""
+    from families import build
+
+    from efface.models.diffusion import predict
+    from efface.models.text import encode
+
+    pipe = build("flux")
+    dc = DiffusionClassifier(pipe, DiffusionClassifierConfig(n_samples=(4,), to_keep=(1,)), seed=7, progress=False)
+    img, prompts = images(1), ["a circle", "a square"]
+    errors = dc.scores(img, prompts).errors[0]
+    x0 = dc._latent(img[0])
+    t = torch.tensor(timestep_schedule(1000, 4))
+    noise = torch.randn((4, *x0.shape[1:]), generator=torch.Generator("cpu").manual_seed(7))
+    sigma = (t.float() / 1000).view(-1, 1, 1, 1)
+    x_t = (1 - sigma) * x0 + sigma * noise
+    with torch.no_grad():
+        for c, prompt in enumerate(prompts):
+            out = predict(pipe, x_t, t, encode(pipe, prompt))
+            want = ((out - (noise - x0)) ** 2).mean(dim=(1, 2, 3)).double().mean()
+            torch.testing.assert_close(errors[c], want)

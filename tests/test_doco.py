@@ -92,3 +92,45 @@ def test_doco_config_refuses_bad_values():
         DoCoConfig(discriminator_lr=0)
     with pytest.raises(InputError, match="parameters"):
         DoCoConfig(parameters="xattn")
+
+
+def test_doco_runs_on_sdxl_through_the_seam(family_pipe):
+    """On the tiny SDXL pipeline (two encoders, pooled embedding): only the UNet's cross-attention K / V
+    change, the target's prediction moves, the pipeline is left as it was, and a seed repeats exactly."""
+    from efface.methods import erase
+    from efface.models.diffusion import predict
+    from efface.models.params import named_parameters, select
+    from efface.models.text import encode
+
+    pipe = family_pipe("sdxl")
+    # frozen as fit() leaves it: torch's CPU Linear on a non-contiguous input (the linear proj_in of
+    # SDXL's transformers) differs in the last bit with the weight's requires_grad, so a first fit on
+    # a freshly loaded pipeline would not repeat bit for bit
+    for _, _, p in named_parameters(pipe):
+        p.requires_grad_(False)
+
+    def eps(prompt: str) -> torch.Tensor:
+        x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return predict(pipe, x, 500, encode(pipe, [prompt]))
+
+    options = {"iterations": 4, "warmup": 1, "lr": 1e-2, "batch_size": 4, "num_anchor_images": 4, "anchor_steps": 4,
+               "templates": ("a red {}",)}
+    state = {f"{c}.{n}": p.detach().clone() for c, n, p in named_parameters(pipe)}
+    base = eps("circle")
+    erased = erase(pipe, "doco", ["circle"], preserve=["square"], seed=0, progress=False, **options)
+    assert all(torch.equal(p, state[f"{c}.{n}"]) for c, n, p in named_parameters(pipe))
+    assert erased.manifest["base"]["family"] == "sdxl"
+    assert erased.tensors and set(erased.tensors) <= set(select(pipe, "xattn_kv"))
+    with erased.applied(pipe):
+        changed = eps("circle")
+    assert torch.isfinite(changed).all() and (changed - base).norm() / base.norm() > 1e-3
+    torch.testing.assert_close(eps("circle"), base, rtol=0, atol=0)
+    again = erase(pipe, "doco", ["circle"], preserve=["square"], seed=0, progress=False, **options)
+    assert all(torch.equal(again.tensors[k], v) for k, v in erased.tensors.items())
+
+
+def test_doco_refuses_flow_matching_families():
+    from efface.methods.doco import DoCo
+
+    assert DoCo.families == {"sd", "sdxl"} and {"sd3", "flux"} <= set(DoCo.family_notes)

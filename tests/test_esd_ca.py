@@ -14,8 +14,7 @@ from efface.errors import InputError, TrainingDiverged
 from efface.methods import erase
 from efface.methods.ca import ConceptAblation, prompt_pairs
 from efface.methods.esd import esd_target
-from efface.models.diffusion import (ddim_scheduler, frozen_copy, initial_latents, predict_noise, sample_to,
-                                     train_steps)
+from efface.models.diffusion import frozen_copy, initial_latents, predict, sample_to, sampler, train_steps
 from efface.models.params import named_parameters, select
 from efface.models.text import encode
 
@@ -40,6 +39,14 @@ class _Recorder(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet, self.calls = unet, []
+
+    @property
+    def device(self) -> torch.device:  # read by the seam's predict, as of a real denoiser
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
 
     def forward(self, x, t, encoder_hidden_states):
         out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
@@ -73,8 +80,8 @@ def test_esd_regresses_onto_the_frozen_original_model(pipe, monkeypatch):
         torch.testing.assert_close(out, again)
         # ... for "" then the concept, on the same x_t
         n = len(x) // 2
-        torch.testing.assert_close(emb[:n], empty.expand(n, -1, -1))
-        torch.testing.assert_close(emb[n:], circle.expand(n, -1, -1))
+        torch.testing.assert_close(emb[:n], empty.embeds.expand(n, -1, -1))
+        torch.testing.assert_close(emb[n:], circle.embeds.expand(n, -1, -1))
         torch.testing.assert_close(torch.cat([e_0, e_p]), out)
 
 
@@ -108,13 +115,13 @@ def test_partial_ddim_sampling_is_seeded_and_stops_where_asked(pipe):
     assert not torch.allclose(run(0, 2), run(1, 2))
     assert not torch.allclose(run(0, 2), run(0, 3))
     # no step: x_T itself; one step: one guided DDIM update from x_T
-    x_T = initial_latents(pipe.unet, 2, torch.Generator().manual_seed(0))
+    x_T = initial_latents(pipe, 2, torch.Generator().manual_seed(0))
     assert torch.equal(run(0, 0), x_T)
-    scheduler = ddim_scheduler(pipe, 4)
+    scheduler = sampler(pipe, 4)
     t = scheduler.timesteps[0]
     with torch.no_grad():
-        e_u = pipe.unet(x_T, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
-        e_c = pipe.unet(x_T, t, encoder_hidden_states=cond).sample
+        e_u = pipe.unet(x_T, t, encoder_hidden_states=uncond.embeds.expand(2, -1, -1)).sample
+        e_c = pipe.unet(x_T, t, encoder_hidden_states=cond.embeds).sample
     expected = scheduler.step(e_u + 3.0 * (e_c - e_u), t, x_T).prev_sample
     torch.testing.assert_close(run(0, 1), expected)
     with pytest.raises(InputError, match="stop_index"):
@@ -125,8 +132,8 @@ def test_guided_prediction_is_classifier_free_guidance(pipe):
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond, uncond = encode(pipe, ["circle"]), encode(pipe, [""])
     with torch.no_grad():
-        guided = predict_noise(pipe.unet, x, 500, cond, 4.0, uncond)
-        e_c, e_u = predict_noise(pipe.unet, x, 500, cond), predict_noise(pipe.unet, x, 500, uncond)
+        guided = predict(pipe, x, 500, cond, 4.0, uncond)
+        e_c, e_u = predict(pipe, x, 500, cond), predict(pipe, x, 500, uncond)
     torch.testing.assert_close(guided, e_u + 4.0 * (e_c - e_u), rtol=1e-4, atol=1e-5)
 
 
@@ -137,7 +144,7 @@ def test_ca_model_target_is_the_frozen_models_anchor_prediction(pipe, monkeypatc
     assert set(erased.tensors) == set(select(pipe, "xattn_kv"))
     (recorder,) = frozen
     assert len(recorder.calls) == 3  # one target per iteration, from the frozen copy
-    anchors = encode(pipe, [a for _, a in prompt_pairs("circle", "square", "object", pipe.tokenizer)])
+    anchors = encode(pipe, [a for _, a in prompt_pairs("circle", "square", "object", pipe.tokenizer)]).embeds
     for x, t, emb, out in recorder.calls:
         with torch.no_grad():  # the pipeline is the original again
             torch.testing.assert_close(out, pipe.unet(x, t, encoder_hidden_states=emb).sample)
@@ -183,3 +190,57 @@ def test_esd_divergence_raises_and_leaves_the_pipeline_as_it_was(pipe):
         erase(pipe, "esd-x", ["circle"], progress=False, **{**FAST_ESD, "negative_guidance": math.nan})
     after = _state(pipe)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# --- Concept Ablation on the other model families ----------------------------------------------------
+
+
+def test_ca_noise_comes_before_the_timesteps_and_the_target_is_add_noise_s(family_pipe):
+    """CA's draws (noise, then timesteps: seeded runs reproduce), through add_noise: on a
+    v-prediction model the regression target is v, not the noise."""
+    from efface.models.diffusion import add_noise
+
+    pipe = family_pipe("sd2-v")
+    x0 = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_t, target, t = ca_module.noised(pipe, x0, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(x0.shape, generator=g)
+    assert torch.equal(t, torch.randint(1000, (3,), generator=g))
+    a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * x0)  # v
+    torch.testing.assert_close(target, add_noise(pipe, x0, t, torch.Generator().manual_seed(5))[1])
+
+
+def test_ca_prompt_pairs_fit_every_tokenizer_given():
+    class Short:  # a tokenizer that keeps 4 tokens
+        model_max_length = 4
+
+        def __call__(self, text, truncation=False):
+            return type("Ids", (), {"input_ids": [0, *text.split(), 1]})()
+
+    pairs = prompt_pairs("circle", "square", "object", [Short(), Short()])
+    assert pairs == [("circle", "square"), ("a circle", "a square")]
+
+
+@pytest.mark.parametrize("family,parameters", [("sd2-v", "xattn_kv"), ("sdxl", "xattn_kv"), ("sdxl", "all"),
+                                               ("sd3", "xattn_kv"), ("flux", "xattn_kv")])
+def test_ca_on_other_families_changes_only_its_set_and_moves_the_concept(family_pipe, family, parameters):
+    from efface.models.families import family_of
+
+    pipe = family_pipe(family)
+    fam = family_of(pipe)
+    x, t = torch.randn(2, *fam.latent_shape(pipe), generator=torch.Generator().manual_seed(1)), torch.tensor([300, 700])
+    c = encode(pipe, ["circle"])
+    with torch.no_grad():
+        before = predict(pipe, x, t, c)
+    declared = {k: v.detach().clone() for k, v in select(pipe, parameters).items()}
+    erased = erase(pipe, "ca", ["circle"], anchor="square", seed=0, progress=False, parameters=parameters,
+                   **{**FAST_CA, "iterations": 3, "regularization_weight": 0.5})
+    assert erased.tensors and set(erased.tensors) <= set(declared)
+    if parameters == "xattn_kv":
+        assert set(erased.tensors) == set(declared)
+    assert erased.manifest["base"]["family"] == fam.name
+    with erased.applied(pipe), torch.no_grad():
+        assert not torch.allclose(predict(pipe, x, t, c), before)
+    assert all(torch.equal(p, declared[k]) for k, p in select(pipe, parameters).items())  # the base is as it was

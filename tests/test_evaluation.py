@@ -9,6 +9,7 @@ import pytest
 from efface.cli import main
 from efface.errors import InputError
 from efface.evaluation import EvalConfig, _named, check_concepts, evaluate
+from efface.toy.presets import method_preset
 
 FAST = EvalConfig(n=4, n_other=2, steps=8, kid_subsets=3)
 
@@ -51,7 +52,7 @@ def test_same_seed_same_result(toy, base_result):
 def test_erased_model_drifts_and_reports_its_cost(toy, base_result):
     from efface.methods import erase
 
-    erased = erase(toy, "uce", ["circle"], preserve=["square"], preset="toy", progress=False)
+    erased = erase(toy, "uce", ["circle"], preserve=["square"], preset=method_preset("uce"), progress=False)
     before = {k: v.clone() for k, v in toy.unet.state_dict().items()}
     r = evaluate(toy, "circle", erased=erased, config=FAST, seed=0)
     assert all((v == toy.unet.state_dict()[k]).all() for k, v in before.items())  # pipe left as it was

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,11 +19,13 @@ from efface.methods.base import ErasureRequest
 from efface.methods.mace import MACE, concept_positions, cooccurring_indices, fuse
 from efface.methods.mace_attention import AttentionLoss, LoRA, attention_processors, importance_weights
 from efface.methods.prompts import fill
-from efface.models.diffusion import add_noise
+from efface.models.diffusion import add_noise, predict
 from efface.models.params import select
 from efface.models.text import encode
+from efface.toy.presets import method_inputs, method_preset
 
-FAST = {"preset": "toy", "num_images": 2, "iterations": 3, "batch_size": 2}
+TOY = {"preset": method_preset("mace"), **method_inputs("mace")}  # the toy preset and its drawn images
+FAST = {**TOY, "num_images": 2, "iterations": 3, "batch_size": 2}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +68,13 @@ def test_cfr_maps_cooccurring_keys_onto_anchor_values(tiny):
     """After the refinement, W' is the minimiser of the CFR objective (gradient zero), and with a
     small lambda the co-occurring keys land closer to the anchor's original values (8-dim keys on the
     tiny model: the many rows cannot all be met exactly)."""
-    mace = MACE(preset="toy", templates=("a red {}", "{} on a blue background"), lamb=1e-3, train_preserve_scale=0.0)
+    mace = MACE(**TOY, templates=("a red {}", "{} on a blue background"), lamb=1e-3, train_preserve_scale=0.0)
     request = ErasureRequest.build(["circle"], None, [], default_anchor="")
     old = [fill(t, "circle") for t in mace.config.templates]
     new = [fill(t, "") for t in mace.config.templates]
     rows = [cooccurring_indices(tiny.tokenizer, o, n) for o, n in zip(old, new)]
     with torch.no_grad():
-        e_old, e_new = encode(tiny, old).double(), encode(tiny, new).double()
+        e_old, e_new = encode(tiny, old).embeds.double(), encode(tiny, new).embeds.double()
     keys = torch.cat([e_old[i, r] for i, (r, _) in enumerate(rows)])
     sources = torch.cat([e_new[i, r] for i, (_, r) in enumerate(rows)])
     weights = select(tiny, "xattn_kv")
@@ -131,8 +134,8 @@ def test_fusion_of_one_lora_with_small_lambda_reproduces_it_on_its_keys():
 def _attention_loss(pipe, x_t, t, emb, positions, masks) -> float:
     loss = AttentionLoss()
     loss.set(positions, masks, tuple(x_t.shape[-2:]))
-    with torch.no_grad(), attention_processors(pipe.unet, recorder=loss):
-        pipe.unet(x_t, t, encoder_hidden_states=emb)
+    with torch.no_grad(), attention_processors(pipe, recorder=loss):
+        predict(pipe, x_t, t, emb)
     return float(loss.value())
 
 
@@ -155,7 +158,7 @@ def test_attention_loss_is_zero_when_the_mask_covers_nothing_and_grows_with_it(t
 def test_lora_training_lowers_the_attention_loss(tiny):
     """The trained LoRA, written into the weights as W + B A, lowers the loss on fresh noisy
     draws of the training distribution (images, templates, t in 200..400)."""
-    mace = MACE(preset="toy", num_images=4, iterations=60, lr=5e-2, batch_size=2)
+    mace = MACE(**TOY, num_images=4, iterations=60, lr=5e-2, batch_size=2)
     gen = torch.Generator().manual_seed(0)
     x0, masks = mace.images(tiny, "circle", gen)
     deltas = mace.train_lora(tiny, "circle", x0, masks, gen, progress=False)
@@ -186,13 +189,13 @@ def test_lora_training_lowers_the_attention_loss(tiny):
 def test_processors_reproduce_diffusers_and_are_restored(tiny):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 4, 16, 16, generator=g)
-    emb = encode(tiny, ["a red circle"])
+    emb = encode(tiny, ["a red circle"]).embeds
     before = {k: type(p) for k, p in tiny.unet.attn_processors.items()}
     with torch.no_grad():
         base = tiny.unet(x, 500, encoder_hidden_states=emb).sample
         loras = {n: (LoRA(8, m.to_k.out_features, 1, g), LoRA(8, m.to_v.out_features, 1, g))
                  for n, m in tiny.unet.named_modules() if n.endswith("attn2")}  # B = 0: no change yet
-        with attention_processors(tiny.unet, loras):
+        with attention_processors(tiny, loras):
             same = tiny.unet(x, 500, encoder_hidden_states=emb).sample
     torch.testing.assert_close(same, base, atol=1e-5, rtol=1e-5)
     assert {k: type(p) for k, p in tiny.unet.attn_processors.items()} == before
@@ -233,5 +236,55 @@ def test_options_are_checked_before_work(tiny):
         MACE(rank=0)
     with pytest.raises(InputError, match="toy shapes only"):
         MACE(**FAST).check(tiny, ErasureRequest.build(["red"], None, []))
+    with pytest.raises(InputError, match="needs an image source"):
+        MACE(data="source").check(tiny, ErasureRequest.build(["circle"], None, []))
     with pytest.raises(InputError, match="mask_threshold"):
         MACE(mask_threshold=0)
+
+
+def test_an_injected_image_source_gives_the_images_and_masks(tiny):
+    """data='source': the source's images (PIL or uint8 arrays) are encoded, its masks kept as they are;
+    a source that returns the wrong shapes is refused with what it must return."""
+    from PIL import Image
+
+    calls = []
+
+    def source(concept, n, generator):
+        calls.append((concept, n))
+        images = np.zeros((n, 32, 32, 3), dtype=np.uint8)
+        images[:, 8:24, 8:24] = 255
+        masks = np.zeros((n, 32, 32), dtype=bool)
+        masks[:, 8:24, 8:24] = True
+        return [Image.fromarray(im) for im in images], masks
+
+    x0, masks = MACE(data="source", image_source=source, num_images=3).images(tiny, "cat", torch.Generator())
+    assert calls == [("cat", 3)] and x0.shape == (3, 4, 16, 16)
+    assert masks.shape == (3, 1, 32, 32) and masks.dtype == torch.bool and masks.sum() == 3 * 16 * 16
+    with pytest.raises(InputError, match="one\\s+H x W mask per image"):
+        MACE(data="source", image_source=lambda c, n, g: (source(c, n, g)[0], np.ones((32, 32), bool)),
+             num_images=2).images(tiny, "cat", torch.Generator())
+
+
+def test_the_toy_source_draws_the_same_images_as_before(tiny):
+    """The toy world's source (one draw from the generator seeds the drawing) gives the draws the
+    former data='toy' made: the same scenes, the same masks, the generator left in the same state."""
+    import random
+
+    from efface.toy.draw import draw
+    from efface.toy.world import COLOURS, STYLES, Scene
+
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    rng = random.Random(int(torch.randint(2**31, (1,), generator=g1)))
+    scenes = [Scene("star", rng.choice(COLOURS), rng.choice(STYLES)) for _ in range(4)]  # the scenes first,
+    drawn = [draw(scene, rng) for scene in scenes]  # then the drawings, from the same stream
+    images, masks = method_inputs("mace")["image_source"]("star", 4, g2)
+    assert np.array_equal(images, np.stack([im for im, _ in drawn]))
+    assert np.array_equal(masks, np.stack([m for _, m in drawn]))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_sdxl_is_refused_before_work_with_the_reason(family_pipe):
+    from efface.methods import erase
+
+    with pytest.raises(InputError, match="mace supports sd models, not sdxl: .*pooled"):
+        erase(family_pipe("sdxl"), "mace", ["circle"], progress=False)

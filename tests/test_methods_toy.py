@@ -16,6 +16,7 @@ from efface.methods import erase
 from efface.registry import METHODS
 from efface.toy import CLASSIFIER
 from efface.toy.classifier import ToyClassifier
+from efface.toy.presets import method_setup
 from efface.toy.quality import concept_rates
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,8 @@ def toy():
 def test_erasing_circle_on_toy_sd_removes_it_and_keeps_other_shapes(name, toy):
     pipe, classifier, base = toy
     request = request_for(name, ["circle"])  # as bench/erasure_smoke.py: preserve the other shapes, CA -> square
-    erased = erase(pipe, name, ["circle"], seed=0, preset="toy", progress=False, **request)
+    preset, inputs = method_setup(name, pipe)  # the toy preset and inputs, as efface erase --model toy
+    erased = erase(pipe, name, ["circle"], seed=0, preset=preset, progress=False, **inputs, **request)
     with erased.applied(pipe):
         after = concept_rates(pipe, classifier, "circle", n=24, config=CONFIG)
     assert base["train_rate"] > 0.9

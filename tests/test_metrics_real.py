@@ -19,7 +19,16 @@ from efface.metrics.image_quality import (FID, INCEPTION_FILE, ClipScore, ClipSc
 from efface.metrics.nudity import NUDE_CLASSES, NudityConfig, NudityRate, to_bgr
 from efface.registry import METRICS
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run on one thread; restored afterwards (set at import time, it leaked into every
+    later test of the session: the thread count changes which CPU kernels run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _solid(rgb: tuple[int, int, int], size: int = 32) -> Image.Image:

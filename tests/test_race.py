@@ -1,4 +1,6 @@
-"""RACE's PGD step: the perturbation stays in its L-inf ball and brings the target closer."""
+"""RACE's PGD step: the perturbation stays in its L-inf ball and brings the target closer; on SDXL it
+perturbs the token sequence and keeps the pooled embedding; v-prediction outputs are turned into noise;
+SD3 / Flux are refused before any work."""
 
 from __future__ import annotations
 
@@ -7,29 +9,78 @@ import torch
 import torch.nn.functional as F
 
 from efface.errors import InputError
-from efface.methods.race import RACEConfig, pgd_embedding
-from efface.models.diffusion import predict_noise
+from efface.methods import erase
+from efface.methods.race import RACEConfig, pgd_embedding, predicted_noise
+from efface.models.diffusion import add_noise, predict
+from efface.models.params import select
 from efface.models.text import encode
 
 from conftest import build_tiny_pipeline
+from families import build
+
+FAST_RACE = {"esd_iterations": 1, "iterations": 2, "pgd_steps": 2, "lr": 1e-2, "ddim_steps": 3, "batch_size": 2}
 
 
-def test_pgd_embedding_stays_in_the_ball_and_lowers_the_loss():
-    pipe = build_tiny_pipeline()
+def _pgd_case(pipe, eps=0.5, steps=20):
     c = encode(pipe, ["a circle"])
     g = torch.Generator().manual_seed(0)
     x_t, target = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
     t = torch.tensor(500)
 
-    def loss(emb):
+    def loss(cond):
         with torch.no_grad():
-            return float(F.mse_loss(predict_noise(pipe.unet, x_t, t, emb), target))
+            return float(F.mse_loss(predict(pipe, x_t, t, cond), target))
 
+    adv = pgd_embedding(pipe, c, x_t, t, target, eps, steps, torch.Generator().manual_seed(1))
+    return c, adv, loss
+
+
+def test_pgd_embedding_stays_in_the_ball_and_lowers_the_loss():
+    pipe = build_tiny_pipeline()
     eps = 0.5
-    adv = pgd_embedding(pipe.unet, c, x_t, t, target, eps, 20, torch.Generator().manual_seed(1))
-    assert (adv - c).abs().max() <= eps + 1e-6
+    c, adv, loss = _pgd_case(pipe, eps)
+    assert (adv.embeds - c.embeds).abs().max() <= eps + 1e-6
     assert loss(adv) < loss(c)
     assert all(p.grad is None for p in pipe.unet.parameters())  # the model gets no gradient
+
+
+def test_pgd_on_sdxl_perturbs_the_token_sequence_and_keeps_the_pooled_embedding():
+    pipe = build("sdxl")
+    eps = 0.5
+    c, adv, loss = _pgd_case(pipe, eps)
+    assert c.pooled is not None and torch.equal(adv.pooled, c.pooled)
+    assert 0 < (adv.embeds - c.embeds).abs().max() <= eps + 1e-6
+    assert loss(adv) < loss(c)
+
+
+def test_race_trains_its_parameter_set_on_sdxl():
+    pipe = build("sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    erased = erase(pipe, "race", ["circle"], seed=0, progress=False, train_method="xattn", **FAST_RACE)
+    assert erased.tensors and set(erased.tensors) <= set(select(pipe, "xattn"))
+    assert erased.manifest["base"]["family"] == "sdxl"
+
+
+def test_predicted_noise_is_the_noise_on_v_prediction_models():
+    pipe = build("sd2-v")
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 700])
+    x_t, v = add_noise(pipe, x0, t, torch.Generator().manual_seed(1))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))  # add_noise's own draw
+    torch.testing.assert_close(predicted_noise(pipe, v, x_t, t), noise, rtol=1e-4, atol=1e-5)
+    eps_pipe = build_tiny_pipeline()
+    out = torch.randn(1, 4, 16, 16)
+    assert predicted_noise(eps_pipe, out, x_t[:1], 500) is out  # epsilon models: the output itself
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_race_refuses_sd3_and_flux_before_any_work(family, monkeypatch):
+    import efface.methods.race as race_module
+
+    monkeypatch.setattr(race_module, "frozen_copy", lambda m: pytest.fail("RACE started work"))
+    pipe = build(family)
+    with pytest.raises(InputError, match=rf"race supports sd, sdxl models, not {family}: not ported"):
+        erase(pipe, "race", ["circle"], seed=0, progress=False, **FAST_RACE)
 
 
 def test_race_config_refuses_bad_values():

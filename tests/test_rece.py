@@ -13,9 +13,8 @@ from efface.errors import InputError
 from efface.methods import ErasureRequest
 from efface.methods.rece import RECE, adversarial_embedding, prompt_embeddings
 from efface.methods.uce import uce_solve
+from efface.models.families import family_of
 from efface.models.params import select
-
-from conftest import build_tiny_pipeline
 
 D_IN = 8
 
@@ -46,7 +45,9 @@ def test_derived_embedding_reproduces_original_outputs_after_a_uce_edit(seed, n_
     targets = [concept @ w.T for w in originals]
     derived = adversarial_embedding(edited, targets, 1e-12)
     for w, y in zip(edited, targets):
-        assert (derived @ w.T - y).norm() <= 1e-6 * y.norm()
+        # M may be ill-conditioned (about 1 example in 100: then ||c'|| is 1e4 .. 1e6): the residual
+        # is rounding of the terms that cancel, relative to ||c'|| ||W||, not to ||y||
+        assert (derived @ w.T - y).norm() <= 1e-6 * y.norm() + 1e-7 * derived.norm() * w.norm()
 
 
 @settings(max_examples=25, deadline=None)
@@ -70,12 +71,16 @@ def test_adversarial_embedding_refuses_mismatched_inputs():
         adversarial_embedding([torch.eye(3)], [], 0.1)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """The tiny pipeline, its original K/V weights, and RECE fitted with 0 and 1 epochs."""
-    pipe = build_tiny_pipeline()
+@pytest.fixture(scope="module", params=sorted(RECE.families))
+def tiny(request):
+    """A tiny pipeline of each family RECE supports (tests/families.py: SD, SDXL), its original
+    K/V weights, and RECE fitted with 0 and 1 epochs."""
+    from families import build
+
+    pipe = build(request.param)
     request = ErasureRequest.build(["circle"], preserve=["square"])
     originals = {k: p.detach().clone() for k, p in select(pipe, "xattn_kv").items()}
+    assert set(originals) == set(select(pipe, "text_input"))  # RECE's set: on UNets exactly the K / V
     uce_only = RECE(epochs=0).fit(pipe, request, progress=False)
     one_epoch = RECE(epochs=1).fit(pipe, request, progress=False)
     return pipe, request, originals, uce_only, one_epoch
@@ -118,6 +123,25 @@ def test_an_epoch_moves_the_derived_embedding_onto_the_guide(tiny):
     original_values = {k: concept[0].double() @ w.double().T for k, w in originals.items()}
     assert _distance(after, derived, guide_values) < 0.5 * _distance(before, derived, guide_values)
     assert _distance(after, derived, original_values) > _distance(before, derived, original_values)
+
+
+def test_rece_changes_only_the_cross_attention_kv(tiny):
+    pipe, _, originals, uce_only, one_epoch = tiny
+    assert set(uce_only.tensors) == set(one_epoch.tensors) == set(originals)
+    assert family_of(pipe).name in ("sd", "sdxl")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_rece_refuses_transformer_families_before_any_work(family, monkeypatch):
+    from families import build
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("RECE started working on a family it refuses")
+
+    monkeypatch.setattr(RECE, "_fit", no_work)
+    monkeypatch.setattr("efface.methods.base.base_fingerprint", no_work)
+    with pytest.raises(InputError, match=rf"rece supports sd, sdxl models, not {family}: .*context_embedder"):
+        RECE().fit(build(family), ErasureRequest.build(["circle"]), progress=False)
 
 
 def test_options_are_checked():

@@ -23,7 +23,7 @@ def pipe():
 def _eps(pipe, prompts: list[str], seed: int = 0) -> torch.Tensor:
     x = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=encode(pipe, prompts)).sample
+        return pipe.unet(x, torch.tensor([500]), encoder_hidden_states=encode(pipe, prompts).embeds).sample
 
 
 def _adapter(pipe, concepts: list[str], seed: int = 0, **options) -> SPMAdapter:
@@ -75,7 +75,7 @@ def test_each_batch_row_gets_its_own_rate_in_a_plain_diffusers_call(pipe):
     assert rates.shape == (2, 1)
     negative, positive = rates[:, 0].tolist()  # diffusers puts the negative prompt first
     assert positive == 1.0 and negative < 1.0
-    concept, square = encode(pipe, ["circle", "a square"])
+    concept, square = encode(pipe, ["circle", "a square"]).embeds
     cosine = torch.cosine_similarity(concept.flatten(), square.flatten(), dim=0).item()
     assert negative == pytest.approx(cosine, abs=1e-5)
 
@@ -165,3 +165,8 @@ def test_bad_options_are_refused():
         SPMConfig(composition="product")
     with pytest.raises(InputError, match="ddim_steps"):
         SPMConfig(ddim_steps=1)
+
+
+def test_sdxl_is_refused_before_work_with_the_reason(family_pipe):
+    with pytest.raises(InputError, match="spm supports sd models, not sdxl: .*transport"):
+        erase(family_pipe("sdxl"), "spm", ["circle"], progress=False)

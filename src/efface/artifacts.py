@@ -3,15 +3,19 @@
 Layout of an artifact directory::
 
     manifest.json         method, config, request, base reference + hash, version, seed, time, counts
-    weights.safetensors   the new values of every changed parameter ("unet.<name>", "text_encoder.<name>")
+    weights.safetensors   the new values of every changed parameter ("<component>.<name>": "unet.<name>",
+                          "transformer.<name>", "text_encoder_2.<name>", ...)
     adapter.safetensors   only for methods that add modules (Receler, SPM): the adapter's weights;
                           manifest["adapter"] names its kind, module and constructor arguments
-    base.safetensors      the base model's fingerprint (mean |w| per parameter), to refuse other bases
+    base.safetensors      the base's fingerprint per component it depends on (mean |w| per parameter,
+                          one tensor per component), to refuse other bases
     pipeline/             only with save_pipeline: a complete diffusers pipeline with the edit applied
     text_encoder/, unet/  only with components: that component with the edit applied (diffusers format)
     lora/                 only with lora (SPM): the adapter as a LoRA plain diffusers loads
 
 An artifact applies to the base it was fitted on, in any dtype or device; another base is refused.
+Only the components it changes are compared, so a text-encoder edit applies to any pipeline that
+shares that text encoder.
 An adapter (:mod:`efface.models.adapters`) is installed by ``apply`` and removed after ``applied``.
 """
 
@@ -31,27 +35,45 @@ from safetensors.torch import load_file, save_file
 from efface.errors import InputError, ModelLoadError
 from efface.io import atomic_dir
 from efface.models.adapters import Adapter, adapter_from
+from efface.models import params
 from efface.models.params import get_parameter, named_parameters
 
 log = logging.getLogger(__name__)
 FORMAT = "efface-erased/1"
 
 
+LEGACY_COMPONENTS = ("unet", "text_encoder")  # what "mean_abs" of efface-erased/1 base files covered
+
+
 @torch.no_grad()
-def base_fingerprint(pipe) -> torch.Tensor:
-    """Mean absolute value of every UNet and text-encoder parameter (float64), in a fixed order."""
-    return torch.tensor([p.detach().float().abs().mean().item() for _, _, p in named_parameters(pipe)],
-                        dtype=torch.float64)
+def base_fingerprint(pipe, components: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Per trainable component (or those in ``components``): the mean absolute value of each of its
+    parameters (float64), in a fixed order. One read of the weights, no copy; dtype-independent to
+    within rounding, so an artifact applies to its base in any dtype."""
+    rows: dict[str, list[float]] = {}
+    for component, _, p in named_parameters(pipe, components):
+        rows.setdefault(component, []).append(p.detach().abs().mean(dtype=torch.float32).item())
+    return {c: torch.tensor(v, dtype=torch.float64) for c, v in rows.items()}
 
 
 @torch.no_grad()
 def base_hash(pipe) -> str:
-    """SHA-256 of the UNet and text-encoder weights (names, shapes and float32 values)."""
+    """SHA-256 of every trainable component's weights: names, shapes and the raw bytes as stored
+    (float32 models: their float32 values). Reads each tensor once, without conversion."""
     h = hashlib.sha256()
     for component, name, p in named_parameters(pipe):
         h.update(f"{component}.{name}:{tuple(p.shape)}".encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        t = p.detach().cpu().contiguous()
+        h.update(t.view(torch.uint8).reshape(-1).numpy().data)
     return h.hexdigest()
+
+
+def touched_components(tensors: dict[str, torch.Tensor], adapter: Adapter | None, pipe=None) -> tuple[str, ...]:
+    """The components an artifact depends on: those of its changed tensors; with an adapter
+    (trained against the whole model), every component."""
+    if adapter is not None:
+        return params.components(pipe) if pipe is not None else ()
+    return tuple(sorted({k.partition(".")[0] for k in tensors}))
 
 
 @dataclass
@@ -66,7 +88,7 @@ class ErasedModel:
 
     tensors: dict[str, torch.Tensor]
     manifest: dict
-    fingerprint: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    fingerprint: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     adapter: Adapter | None = field(default=None, repr=False)
 
     @property
@@ -74,9 +96,15 @@ class ErasedModel:
         return self.manifest["method"]
 
     def check_base(self, pipe) -> None:
-        """Refuse ``pipe`` unless it is the base this artifact was fitted on (any dtype)."""
-        mine = base_fingerprint(pipe)
-        ok = mine.shape == self.fingerprint.shape and torch.allclose(mine, self.fingerprint, rtol=2e-3, atol=1e-6)
+        """Refuse ``pipe`` unless it holds the base this artifact was fitted on (any dtype). Only
+        the components the artifact depends on are compared: an artifact that changes only the text
+        encoder applies to any pipeline built on that same text encoder."""
+        if "mean_abs" in self.fingerprint:  # efface-erased/1: UNet and text encoder together
+            mine = torch.cat(list(base_fingerprint(pipe, LEGACY_COMPONENTS).values()))
+            ok = _close(mine, self.fingerprint["mean_abs"])
+        else:
+            mine = base_fingerprint(pipe, tuple(self.fingerprint))
+            ok = all(c in mine and _close(mine[c], v) for c, v in self.fingerprint.items())
         if not ok:
             raise InputError(
                 f"this {self.method} artifact was fitted on base {self.manifest['base']['reference']!r} "
@@ -123,9 +151,10 @@ class ErasedModel:
         ``pipe`` must be the base; it is restored afterwards."""
         if lora and not hasattr(self.adapter, "save_lora"):
             raise InputError(f"{self.method} has no LoRA export (only adapter methods that define one, e.g. spm)")
-        bad = sorted(set(components) - {"unet", "text_encoder"})
-        if bad:
-            raise InputError(f"components must be 'unet' or 'text_encoder', not {bad}")
+        valid = params.components(pipe) if pipe is not None else ()
+        bad = sorted(set(components) - set(valid))
+        if bad and pipe is not None:
+            raise InputError(f"components must be among {', '.join(valid)} (this pipeline's), not {bad}")
         if (save_pipeline or components) and pipe is None:
             raise InputError("saving a pipeline or component needs the base pipeline: save(out, pipe=pipe, ...)")
         if (save_pipeline or components) and self.adapter is not None:
@@ -139,7 +168,7 @@ class ErasedModel:
                 save_file(state, tmp / "adapter.safetensors")
             if lora:
                 self.adapter.save_lora(tmp / "lora")
-            save_file({"mean_abs": self.fingerprint}, tmp / "base.safetensors")
+            save_file({c: v.contiguous() for c, v in self.fingerprint.items()}, tmp / "base.safetensors")
             (tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=2, default=str))
             if save_pipeline or components:
                 with self.applied(pipe):
@@ -162,5 +191,8 @@ class ErasedModel:
         adapter = None
         if manifest.get("adapter"):
             adapter = adapter_from(manifest["adapter"], load_file(path / "adapter.safetensors"))
-        return cls(load_file(path / "weights.safetensors"), manifest,
-                   load_file(path / "base.safetensors")["mean_abs"], adapter)
+        return cls(load_file(path / "weights.safetensors"), manifest, load_file(path / "base.safetensors"), adapter)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=2e-3, atol=1e-6)

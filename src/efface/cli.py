@@ -64,6 +64,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     import efface.attacks  # noqa: F401  (registers the attacks)
     import efface.methods  # noqa: F401  (registers the methods)
     import efface.metrics  # noqa: F401  (registers the metrics)
+    from efface.models.families import FAMILIES
     from efface.registry import ATTACKS, METHODS, METRICS
 
     kinds = {"methods": METHODS, "attacks": ATTACKS, "metrics": METRICS}
@@ -75,6 +76,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {name:<18} {doc[0] if doc else ''}")
             if getattr(obj, "paper", ""):
                 print(f"  {'':<18} paper: {obj.paper}")
+            if getattr(obj, "families", None):
+                print(f"  {'':<18} families: {', '.join(f for f in FAMILIES if f in obj.families)}")
             if hasattr(obj, "Config"):
                 for fname, tp, default, help_text in cfg.describe_fields(obj.Config):
                     print(f"  {'':<18}   --set {fname}={default!s:<10} {tp:<6} {help_text}")
@@ -85,13 +88,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
     import efface.methods  # noqa: F401  (registers the methods)
     from efface.methods.base import ErasureRequest
     from efface.registry import METHODS
+    from efface.toy.presets import method_setup
 
     cls = METHODS.get(args.method)  # unknown method / option / concept: fail before loading
     if args.save_lora and not cls.exports_lora:
         raise InputError(f"--save-lora: {args.method} has no LoRA export; methods with one: "
                          f"{', '.join(n for n, c in METHODS.items() if c.exports_lora)}")
-    preset = args.preset or ("toy" if args.model == "toy" else "paper")
-    method = cls(preset=preset, **cfg.parse_assignments(cls.Config, args.set or [], owner=args.method))
+    preset, inputs = method_setup(args.method, args.model, args.preset)  # "toy" only on a toy model
+    method = cls(preset=preset, **inputs, **cfg.parse_assignments(cls.Config, args.set or [], owner=args.method))
     request = ErasureRequest.build(args.concept, args.anchor, args.preserve or (), default_anchor=cls.default_anchor)
     _refuse_existing(args)
     pipe = _load(args)
@@ -135,7 +139,8 @@ def _bench(args: argparse.Namespace, bench, evaluation, **kwargs) -> tuple[str, 
     """Check the grid (unknown method or concept: fail before loading), run it, write the outputs."""
     from efface.benchmark.grid import bench_and_report
 
-    bench.method_list(), bench.concept_list(), bench.attack_list()
+    _check_presets(args, bench)
+    bench.concept_list(), bench.attack_list()
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
     return bench_and_report(pipe, args.out, bench, evaluation, seed=args.seed, progress=not args.quiet, **kwargs)
@@ -162,11 +167,19 @@ def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tu
 
     protocol.spec()
     check_model(args.model)
-    bench.method_list()
+    _check_presets(args, bench)
     prepared = prepare(protocol)
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
     return run_protocol_bench(pipe, args.out, prepared, bench, evaluation, seed=args.seed, progress=not args.quiet)
+
+
+def _check_presets(args: argparse.Namespace, bench) -> None:
+    """Unknown methods, and a preset the model cannot take (``toy`` on a real model), fail before loading."""
+    from efface.toy.presets import method_setup
+
+    for method in bench.method_list():
+        method_setup(method, args.model, bench.preset or None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -185,16 +198,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from efface.registry import ATTACKS
     from efface.robustness import attack_success, judge_for, toy_prompts
     from efface.sampling import GenerationConfig
+    from efface.toy.presets import attack_setup, toy_model
 
     cls = ATTACKS.get(args.attack)  # unknown attack: the valid ones are listed
     options = cfg.parse_assignments(cls.Config, args.set or [], owner=args.attack)
-    attack = cls(preset=args.preset or ("toy" if args.model == "toy" else None), **options)
+    preset, inputs = attack_setup(args.attack, args.model, args.preset)  # "toy" only on a toy model
+    attack = cls(preset=preset, **inputs, **options)
     gen = GenerationConfig(steps=args.steps, guidance=args.guidance)
     _refuse_existing(args)
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
     judge = judge_for(pipe, args.concept)
-    prompts = args.prompt or (toy_prompts(args.concept, args.n, args.seed) if args.model == "toy" else None)
+    prompts = args.prompt or (toy_prompts(args.concept, args.n, args.seed) if toy_model(args.model) else None)
     if not prompts:
         raise InputError("give the prompts to attack with --prompt (repeat for several)")
     original = None
@@ -292,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", help="concept the erased ones are mapped to (default: the method's, "
                                     "e.g. '' for UCE and ESD objects)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeat for several)")
-    p.add_argument("--preset", help="'paper' (the paper's schedule) or 'toy' (CPU-sized; the default with --model toy)")
+    p.add_argument("--preset", help="'paper' (the paper's schedule) or 'toy' (CPU-sized, efface.toy.presets; "
+                                    "the default with --model toy, refused on other models)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", required=True, help="artifact directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
@@ -351,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "evaluation prompts of the concept)")
     p.add_argument("--n", type=int, default=16, help="toy-sd prompts to attack when no --prompt is given (default: 16)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an attack option (repeat for several)")
-    p.add_argument("--preset", help="'paper' (the paper's budget) or 'toy' (CPU-sized; the default with --model toy)")
+    p.add_argument("--preset", help="'paper' (the paper's budget) or 'toy' (CPU-sized, efface.toy.presets; "
+                                    "the default with --model toy, refused on other models)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps of every image (default: 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack; prompt i's image uses seed + i (default: 0)")

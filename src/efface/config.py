@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -121,23 +122,51 @@ def check_bounds(obj, *, at_least_one: tuple[str, ...] = (), non_negative: tuple
                 raise InputError(f"{name} must be {bound}, not {getattr(obj, name)}")
 
 
-def resolve(cls: type[T], owner: str, config: T | None, preset: str | None, overrides: dict[str, Any],
-            presets: dict[str, dict]) -> tuple[T, str]:
-    """The config of a registered method or attack: ``config`` (or ``cls()``), then the preset's
-    overrides (``presets``; "paper" and "toy" always exist, empty unless given), then ``overrides``.
-    Unknown options and presets are refused with the valid ones listed. Returns (config, preset)."""
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named set of option values for a method's or an attack's config, applied on top of its
+    defaults (the paper's) and under the caller's own options. ``name`` is what the manifest /
+    :class:`~efface.attacks.base.AttackResult` records (``"toy"``: the toy-sd presets of
+    :mod:`efface.toy.presets`)."""
+
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def resolve(cls: type[T], owner: str, config: T | None, preset: str | Preset | None, overrides: dict[str, Any],
+            presets: dict[str, dict], *, kind: str = "method") -> tuple[T, str]:
+    """The config of a registered method or attack (``kind``): ``config`` (or ``cls()``), then the
+    preset's options, then ``overrides``. ``preset`` is a :class:`Preset`, or the name of one of
+    the owner's own ``presets`` or ``"paper"`` (None: ``"paper"``, the defaults). Unknown options
+    (of the preset or the overrides) and unknown preset names are refused with the valid ones
+    listed. Returns (config, the preset's name)."""
     from efface.errors import InputError
 
     valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise InputError(f"{owner} has no option {', '.join(unknown)}; valid options: {', '.join(valid) or 'none'}")
-    presets = {"paper": {}, "toy": {}, **presets}  # "toy" = "paper" unless the owner says
-    if preset is not None and preset not in presets:
-        raise InputError(f"{owner} has no preset {preset!r}; valid presets: {', '.join(presets)}")
-    preset = preset or "paper"
+
+    def refuse_unknown(options, where: str) -> None:
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise InputError(f"{owner} has no option {', '.join(unknown)}{where}; valid options: "
+                             f"{', '.join(valid) or 'none'}")
+
+    refuse_unknown(overrides, "")
+    if isinstance(preset, Preset):
+        refuse_unknown(preset.options, f" (preset {preset.name!r})")
+        name, options = preset.name, dict(preset.options)
+    else:
+        own = {"paper": {}, **presets}
+        if preset == "toy" and "toy" not in own:
+            raise InputError(f"{owner}: the toy-sd presets live with the toy world: pass "
+                             f"preset=efface.toy.presets.{kind}_preset({owner!r}) from Python (the command line "
+                             "picks them with --model toy)")
+        if preset is not None and preset not in own:
+            raise InputError(f"{owner} has no preset {preset!r}; valid presets: {', '.join(own)} (and, on toy-sd, "
+                             f"toy: efface.toy.presets.{kind}_preset)")
+        name = preset or "paper"
+        options = own[name]
     base = config if config is not None else cls()
     try:
-        return dataclasses.replace(base, **{**presets[preset], **overrides}), preset
+        return dataclasses.replace(base, **{**options, **overrides}), name
     except (TypeError, ValueError) as err:
         raise InputError(f"{owner}: {err}") from err

@@ -32,9 +32,10 @@ import torch
 from efface.config import check_bounds
 from efface.errors import InputError
 from efface.metrics.stats import mean_defined
-from efface.metrics.toy import ConceptRate, ImageDrift, toy_classifier
+from efface.metrics.classifier import ConceptRate, ImageDrift
 from efface.models.text import encode
 from efface.sampling import GenerationConfig, generate_many
+from efface.toy.classifier import ToyClassifier
 from efface.toy.world import AXES, SYNONYMS, axis_of, prompts_for, synonyms
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _named(prompt: str, axis: str) -> str | None:
 def _nearest(pipe, concept_list: list[str], candidates: list[str], k: int) -> list[str]:
     if not candidates or k <= 0:
         return []
-    emb = encode(pipe, concept_list + candidates).float().mean(1)
+    emb = encode(pipe, concept_list + candidates).embeds.float().mean(1).cpu()  # mean over the token sequence
     target = torch.nn.functional.normalize(emb[: len(concept_list)], dim=-1).mean(0)
     sims = torch.nn.functional.normalize(emb[len(concept_list):], dim=-1) @ target
     return [candidates[i] for i in sims.argsort(descending=True)[:k].tolist()]
@@ -123,11 +124,11 @@ def check_concepts(concepts: str | list[str]) -> list[str]:
 
 
 def evaluate(pipe, concepts: str | list[str], *, erased=None, config: EvalConfig | None = None, seed: int = 0,
-             classifier_factory=toy_classifier, images_out: dict | None = None) -> dict[str, Any]:
+             classifier_factory=ToyClassifier.load, images_out: dict | None = None) -> dict[str, Any]:
     """The ``eval.json`` dictionary for ``pipe`` with ``erased`` applied (None: the base model).
 
-    ``pipe`` is left as it was. ``classifier_factory`` makes the judge (default: the toy
-    classifier). ``images_out``, if given, receives ``{"base": {...}, "evaluated": {...}}`` image
+    ``pipe`` is left as it was. ``classifier_factory`` makes the judge (default: the bundled toy
+    classifier, handed to the metrics). ``images_out``, if given, receives ``{"base": {...}, "evaluated": {...}}`` image
     lists per group name (for reports)."""
     concepts = check_concepts(concepts)
     config = config or EvalConfig()

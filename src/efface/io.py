@@ -1,8 +1,9 @@
-"""Atomic writes: every output is written beside its destination and renamed into place."""
+"""Atomic writes: every output is written beside its destination and renamed into place; file hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -49,3 +50,12 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (provenance of evaluator weights)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

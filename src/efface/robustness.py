@@ -30,11 +30,11 @@ def toy_judge(classifier_factory=None) -> Judge:
     """Concept present = the toy classifier names it on its axis."""
     import torch
 
-    from efface.metrics.base import images_to_tensor
-    from efface.metrics.toy import toy_classifier
+    from efface.images import images_to_tensor
+    from efface.toy.classifier import ToyClassifier
     from efface.toy.world import axis_of
 
-    classifier = (classifier_factory or toy_classifier)()
+    classifier = (classifier_factory or ToyClassifier.load)()
 
     def judge(images: list, concept: str) -> list[bool]:
         if not images:
@@ -50,10 +50,10 @@ def toy_features(classifier_factory=None):
     """Image features in the toy classifier's feature space (``features(images) -> N x D``)."""
     import torch
 
-    from efface.metrics.base import images_to_tensor
-    from efface.metrics.toy import toy_classifier
+    from efface.images import images_to_tensor
+    from efface.toy.classifier import ToyClassifier
 
-    classifier = (classifier_factory or toy_classifier)()
+    classifier = (classifier_factory or ToyClassifier.load)()
 
     def features(images: list):
         with torch.no_grad():
@@ -136,23 +136,27 @@ def robustness_of(pipe, erased, concept: str, attacks: list[str], *, n: int, see
                   generation: GenerationConfig, judge: Judge | None = None, preset: str | None = None) -> dict[str, Any]:
     """Per attack, its :func:`attack_success` measures against ``erased`` applied to a copy of
     ``pipe`` (``pipe`` itself is the original model), on ``n`` prompts of ``concept``
-    (the toy evaluation's); attack presets: ``preset`` (default 'toy' on toy-sd)."""
+    (the toy evaluation's); attack presets and inputs: :func:`efface.toy.presets.attack_setup`
+    (``preset`` None: 'toy' on toy-sd, else 'paper')."""
     import copy
 
     import efface.attacks  # noqa: F401  (registers the attacks)
     from efface.models.loading import is_toy
     from efface.registry import ATTACKS
+    from efface.toy.presets import attack_setup
 
     classes = [ATTACKS.get(a) for a in attacks]  # unknown attack: fails before any work
+    for cls in classes:
+        cls.check_family(pipe)  # and one that does not support the model's family
+    setups = [attack_setup(cls.name, pipe, preset) for cls in classes]  # and a preset the model cannot take
     judge = judge or judge_for(pipe, concept)
     erased_pipe = copy.deepcopy(pipe)
     erased.apply(erased_pipe)
     prompts = toy_prompts(concept, n, seed)
-    preset = preset or ("toy" if is_toy(pipe) else None)
     features = toy_features() if is_toy(pipe) else None
     out = {}
-    for cls in classes:
-        measures, _ = attack_success(cls(preset=preset), erased_pipe, concept, prompts, judge=judge, original=pipe,
-                                     seed=seed, generation=generation, progress=False, features=features)
+    for cls, (chosen, inputs) in zip(classes, setups):
+        measures, _ = attack_success(cls(preset=chosen, **inputs), erased_pipe, concept, prompts, judge=judge,
+                                     original=pipe, seed=seed, generation=generation, progress=False, features=features)
         out[cls.name] = measures
     return out

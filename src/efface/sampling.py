@@ -1,7 +1,13 @@
 """Seeded, reproducible image generation with any text-to-image diffusers pipeline.
 
-Image ``i`` of a call is drawn from its own generator seeded ``seed + i``, so it does not depend on
-the batch size, and the same seed gives byte-identical PNGs on CPU.
+Image ``i`` of a call is drawn from its own generator seeded ``seed + i``, so its initial noise does
+not depend on the batch size, and the same seed with the same batch size gives byte-identical PNGs
+on CPU. Across batch sizes the images agree only to within rounding: CPU BLAS picks its kernels
+(and so its summation order) by matrix shape, so a batch of 1 and a batch of 3 may differ in the
+last bit of a float, which can move a pixel by one level.
+
+Classifier-free guidance is the family's (:meth:`~efface.models.families.Family.generation_kwargs`):
+``guidance_scale`` on SD / SDXL / SD3, ``true_cfg_scale`` with the empty negative prompt on Flux.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ from tqdm.auto import tqdm
 from efface.config import check_bounds
 from efface.errors import InputError
 from efface.io import atomic_dir
+from efface.models.families import Conditioning, family_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GenerationConfig:
-    """How images are sampled (defaults: 25 DDIM steps, guidance 7.5, the model's native size)."""
+    """How images are sampled (defaults: 25 steps of the pipeline's scheduler, guidance 7.5, the model's
+    native size: its denoiser's latent size times the VAE's factor)."""
 
     num_images: int = field(default=8, metadata={"help": "images to generate"})
     steps: int = field(default=25, metadata={"help": "denoising steps"})
@@ -59,32 +67,42 @@ def generate_many(pipe, prompts: list[str | torch.Tensor], config: GenerationCon
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
+    family = family_of(pipe)
+    height, width = config.height, config.width
+    if height is None or width is None:
+        native = family.image_size(pipe)
+        height, width = height or native[0], width or native[1]
     images: list[Image.Image] = []
     starts = range(0, len(prompts), config.batch_size)
     for start in tqdm(starts, desc="batches", disable=len(starts) < 2):
         chunk = prompts[start : start + config.batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(chunk)]]
-        negative = [config.negative_prompt or ""] * len(chunk)
+        guided = family.generation_kwargs(config.guidance, config.negative_prompt)
         with torch.inference_mode():
             if all(isinstance(p, str) for p in chunk):
-                text = {"prompt": chunk, "negative_prompt": negative if config.negative_prompt else None}
+                negative = guided.pop("negative_prompt")
+                text = {"prompt": chunk, "negative_prompt": [negative] * len(chunk) if negative is not None else None}
             else:
-                text = _embeddings(pipe, chunk, negative)
-            out = pipe(**text, num_inference_steps=config.steps, guidance_scale=config.guidance,
-                       height=config.height, width=config.width, generator=generators, output_type="pil")
+                text = _embeddings(pipe, chunk, guided.pop("negative_prompt") or "")
+            out = pipe(**text, **guided, num_inference_steps=config.steps, height=height, width=width,
+                       generator=generators, output_type="pil")
         images.extend(out.images)
     return images
 
 
-def _embeddings(pipe, chunk: list[str | torch.Tensor], negative: list[str]) -> dict[str, torch.Tensor]:
-    """``prompt_embeds`` / ``negative_prompt_embeds`` for a batch mixing text and embeddings."""
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-
-    def embed(texts: list[str]) -> torch.Tensor:
-        return pipe.encode_prompt(texts, device, 1, False)[0].to(device, dtype)
-
-    rows = [p.to(device, dtype) if isinstance(p, torch.Tensor) else embed([p]) for p in chunk]
-    return {"prompt_embeds": torch.cat(rows), "negative_prompt_embeds": embed(negative)}
+def _embeddings(pipe, chunk: list, negative: str) -> dict[str, torch.Tensor]:
+    """``prompt_embeds`` / ``negative_prompt_embeds`` (and the pooled ones, where the family has them)
+    for a batch mixing text, text-encoder outputs (tensors) and conditionings."""
+    family = family_of(pipe)
+    den = family.denoiser(pipe)
+    rows = [family.encode(pipe, [p]) if isinstance(p, str) else p if isinstance(p, Conditioning) else Conditioning(p)
+            for p in chunk]
+    cond = Conditioning.cat([r.to(den.device, den.dtype) for r in rows])
+    neg = family.encode(pipe, [negative] * len(chunk)).to(den.device, den.dtype)
+    out = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": neg.embeds}
+    if cond.pooled is not None:
+        out |= {"pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": neg.pooled}
+    return out
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:

@@ -1,9 +1,10 @@
 """The attack API: try to bring an erased concept back. One file per attack.
 
-An attack subclasses :class:`Attack`: a ``Config`` dataclass (official defaults; a ``toy`` preset
-sized for CPU), its ``paper``, the set ``needs`` of what it requires (:data:`NEEDS`), and
-``_attack(ctx, i)``, which returns the :class:`Adversarial` prompt (text, or a prompt embedding) for
-prompt ``i``; ``_prepare(ctx)`` does the per-concept work first (a concept vector, a learned token).
+An attack subclasses :class:`Attack`: a ``Config`` dataclass (official defaults; the CPU-sized
+toy-sd budgets live with the toy world, :mod:`efface.toy.presets`), its ``paper``, the set
+``needs`` of what it requires (:data:`NEEDS`), and ``_attack(ctx, i)``, which returns the
+:class:`Adversarial` prompt (text, or a prompt embedding) for prompt ``i``; ``_prepare(ctx)`` does
+the per-concept work first (a concept vector, a learned token).
 
 ``attack.run(erased_pipe, concept, prompts, original=..., target_images=..., seed=...)`` checks
 that everything declared in ``needs`` was given (before any work), seeds, attacks every prompt,
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from efface.config import check_bounds, resolve
+from efface.config import Preset, check_bounds, resolve
 from efface.errors import InputError
 from efface.io import atomic_dir
+from efface.models.families import family_of
 from efface.registry import ATTACKS
 from efface.sampling import GenerationConfig, generate_many
 
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # What an attack may need; the base class refuses to run one without it.
 NEEDS: dict[str, str] = {
-    "erased_model": "white-box access to the erased pipeline (gradients through its UNet)",
+    "erased_model": "white-box access to the erased pipeline (gradients through its denoiser)",
     "original_model": "the model before erasure (original=...): its predictions or images",
     "text_encoder": "the erased pipeline's tokenizer and text encoder only",
     "target_images": "images that show the concept, one per prompt (target_images=..., or original=... to make them)",
@@ -47,8 +49,9 @@ NEEDS: dict[str, str] = {
 
 @dataclass
 class AttackConfig:
-    """Fields every attack has; subclasses add the paper's hyper-parameters. ``PRESETS["toy"]``:
-    the CPU-sized budget for toy-sd."""
+    """Fields every attack has; subclasses add the paper's hyper-parameters. ``PRESETS``: the
+    attack's own named settings (none today); the toy-sd budgets are handed in as a
+    :class:`~efface.config.Preset` (:func:`efface.toy.presets.attack_preset`)."""
 
     PRESETS: ClassVar[dict[str, dict]] = {}
 
@@ -57,14 +60,47 @@ class AttackConfig:
         check_bounds(self, at_least_one=names, positive=("lr",) if hasattr(self, "lr") else ())
 
 
+# Every model family (efface.models.families); attacks that only change the prompt's text and
+# generate through efface.sampling can declare them all.
+ALL_FAMILIES = frozenset({"sd", "sdxl", "sd3", "flux"})
+# Why the token-level attacks (which optimise or read the first CLIP text encoder's token
+# embeddings and use its output as the whole conditioning) stay on SD 1.x / 2.x.
+CLIP_ONLY = ("it works on the token embeddings of the one CLIP text encoder, whose output is the whole "
+             "conditioning only on SD 1.x / 2.x; this family also conditions on {what}, which the attack "
+             "neither optimises nor produces")
+CLIP_ONLY_NOTES = {
+    "sdxl": CLIP_ONLY.format(what="a second CLIP encoder (OpenCLIP bigG: its states and its pooled embedding)"),
+    "sd3": CLIP_ONLY.format(what="CLIP-G and T5 states and a pooled embedding"),
+    "flux": CLIP_ONLY.format(what="T5 states (the token sequence) and the CLIP pooled embedding"),
+}
+
+
+def clip_text(pipe):
+    """The first (CLIP) tokenizer and text encoder of ``pipe``, through its family."""
+    family = family_of(pipe)
+    return family.tokenizer(pipe), getattr(pipe, family.text_encoders[0])
+
+
+def clip_states(pipe, ids: torch.Tensor) -> torch.Tensor:
+    """The first text encoder's last hidden states (B x T x D) for token ids ``ids`` (B x T): on SD
+    1.x / 2.x the conditioning the pipeline's ``encode_prompt`` gives for those tokens. Gradients
+    flow as the caller's grad mode allows (inside ``replaced_token_embeddings``: to soft tokens)."""
+    _, te = clip_text(pipe)
+    return te(ids.to(te.device))[0]
+
+
 def target_latents(pipe, images: list) -> torch.distributions.Distribution:
-    """The VAE's latent distribution (scaled like the UNet's latents) of PIL ``images``."""
+    """The VAE's latent distribution of PIL ``images``, scaled (and shifted) as the denoiser reads
+    latents (the distribution of :meth:`~efface.models.families.Family.encode_images`), on the
+    denoiser's device."""
     pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
                           for im in images]).permute(0, 3, 1, 2) / 127.5 - 1
+    vae, den = pipe.vae, family_of(pipe).denoiser(pipe)
     with torch.no_grad():
-        dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
-    scale = pipe.vae.config.scaling_factor
-    return torch.distributions.Normal(dist.mean * scale, dist.std * scale)
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+    return torch.distributions.Normal(((dist.mean - shift) * scale).to(den.device, den.dtype),
+                                      (dist.std * scale).to(den.device, den.dtype))
 
 
 @dataclass
@@ -177,16 +213,19 @@ C = TypeVar("C", bound=AttackConfig)
 
 
 class Attack(ABC, Generic[C]):
-    """Base class: ``attack = RingABell(preset="toy"); result = attack.run(erased_pipe, "circle", prompts)``."""
+    """Base class: ``attack = RingABell(preset=attack_preset("ring-a-bell")); result = attack.run(erased_pipe,
+    "circle", prompts)`` (``attack_preset``: :mod:`efface.toy.presets`)."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[AttackConfig]] = AttackConfig
     paper: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    families: ClassVar[frozenset[str]] = frozenset({"sd"})  # model families (efface.models.families) it supports
+    family_notes: ClassVar[dict[str, str]] = {}  # family -> why it is not supported (or what differs there)
 
-    def __init__(self, config: C | None = None, *, preset: str | None = None, **overrides):
+    def __init__(self, config: C | None = None, *, preset: str | Preset | None = None, **overrides):
         self.config, self.preset = resolve(self.Config, self.name, config, preset, overrides,
-                                           self.Config.PRESETS)  # type: ignore[assignment]
+                                           self.Config.PRESETS, kind="attack")  # type: ignore[assignment]
 
     def check(self, erased_pipe, concept: str, prompts: list[str], original, target_images, features=None) -> None:
         """Everything that can be checked before work starts: the inputs ``needs`` declares."""
@@ -206,6 +245,19 @@ class Attack(ABC, Generic[C]):
             raise InputError(f"{self.name} needs {NEEDS['image_features']}")
         if erased_pipe is None:
             raise InputError(f"{self.name} needs the erased pipeline")
+        self.check_family(erased_pipe)
+        if "original_model" in self.needs:
+            self.check_family(original, "the original model")
+
+    @classmethod
+    def check_family(cls, pipe, what: str = "") -> None:
+        """Refuse a pipeline of a model family the attack does not support, saying why (before any work)."""
+        family = family_of(pipe).name
+        if family not in cls.families:
+            why = cls.family_notes.get(family, "not implemented for this family")
+            whose = f" ({what})" if what else ""
+            raise InputError(f"{cls.name} supports {', '.join(sorted(cls.families))} models, "
+                             f"not {family}{whose}: {why}")
 
     def _prepare(self, ctx: AttackContext) -> None:
         """Per-concept work before the prompts are attacked (default: none)."""

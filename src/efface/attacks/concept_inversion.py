@@ -4,6 +4,8 @@ token embedding ``v`` is learned from images of the concept so that the erased m
 
     min_v  E_{x_0, t, eps} || eps - eps_theta*(x_t, t, template(<v>)) ||^2,   t ~ U{0..T-1}
 
+(with a v-prediction model the target is the velocity: :func:`~efface.models.diffusion.add_noise`'s).
+
 Then every prompt is generated with the concept's word replaced by ``<v>`` (``<v>`` prepended when
 the prompt does not name it). Only ``v`` is trained; the models stay frozen.
 
@@ -20,15 +22,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack, target_latents
+from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
+                                 clip_text, register_attack, target_latents)
 from efface.errors import InputError
-from efface.methods.prompts import TOY_CONTEXTS
-from efface.models.diffusion import add_noise, predict_noise
+from efface.models.diffusion import add_noise, num_train_timesteps, predict
+from efface.models.families import Conditioning
 from efface.models.text import replaced_token_embeddings, token_embedding
 
 STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
@@ -45,12 +47,6 @@ class ConceptInversionConfig(AttackConfig):
     initializer: str = field(default="art", metadata={"help": "word the new token starts from"})
     templates: tuple[str, ...] = field(default=STYLE_TEMPLATES, metadata={"help": "training captions, '{}' "
                                                                                   "is the new token"})
-
-    # toy-sd on 2 cores: 300 steps of 8 images (about 10 s per concept), the toy caption contexts,
-    # started from the word "shape".
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"steps": 300, "batch_size": 8, "lr": 0.02, "initializer": "shape", "templates": TOY_CONTEXTS},
-    }
 
     def __post_init__(self) -> None:
         self.check_counts("steps", "batch_size")
@@ -84,10 +80,11 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
     paper = ("Circumventing Concept Erasure Methods for Text-to-Image Generative Models (Pham et al., ICLR 2024), "
              "arXiv 2308.01508")
     needs = frozenset({"erased_model", "target_images"})
+    family_notes = CLIP_ONLY_NOTES
 
     def _prepare(self, ctx: AttackContext) -> None:
         cfg, pipe, g = self.config, ctx.erased, ctx.generator
-        tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+        tok, te = clip_text(pipe)
         captions = [placeholder_ids(tok, *t.split("{}", 1)) for t in cfg.templates]
         for p in ctx.prompts:
             placeholder_ids(tok, *split_at(p, ctx.concept))  # every prompt fits before any work
@@ -95,22 +92,23 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
         init_ids = tok(cfg.initializer, truncation=False).input_ids[1:-1]
         vector = table[init_ids].float().mean(0).clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([vector], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        dist = target_latents(pipe, ctx.target_images)
-        alphas = pipe.scheduler.alphas_cumprod
+        dist = target_latents(pipe, ctx.target_images)  # on the denoiser's device
+        mean, std = dist.mean, dist.stddev
+        steps = num_train_timesteps(pipe)
         loss_value = None
         for _ in range(cfg.steps):
             pick = torch.randint(len(ctx.target_images), (cfg.batch_size,), generator=g)
             caption = torch.randint(len(captions), (cfg.batch_size,), generator=g)
-            x0 = dist.mean[pick] + dist.stddev[pick] * torch.randn(dist.mean[pick].shape, generator=g)
-            t = torch.randint(len(alphas), (cfg.batch_size,), generator=g)
-            x_t, noise = add_noise(pipe, x0, t, g)
+            x0 = mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g).to(mean.device, mean.dtype)
+            t = torch.randint(steps, (cfg.batch_size,), generator=g)
+            x_t, target = add_noise(pipe, x0, t, g)
             conds = []
             for c in caption.tolist():
                 ids, pos = captions[c]
                 with replaced_token_embeddings(te, [pos], vector.unsqueeze(0)):
-                    conds.append(te(torch.tensor([ids], device=te.device))[0])
-            pred = predict_noise(unet, x_t.to(unet.device, unet.dtype), t.to(unet.device), torch.cat(conds).to(unet.dtype))
-            loss = F.mse_loss(pred.float(), noise.float().to(pred.device))
+                    conds.append(clip_states(pipe, torch.tensor([ids])))
+            pred = predict(pipe, x_t, t, Conditioning(torch.cat(conds)))
+            loss = F.mse_loss(pred.float(), target.float())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -119,9 +117,10 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         pipe = ctx.erased
+        tok, te = clip_text(pipe)
         before, after = split_at(ctx.prompts[i], ctx.concept)
-        ids, pos = placeholder_ids(pipe.tokenizer, before, after)
-        with torch.no_grad(), replaced_token_embeddings(pipe.text_encoder, [pos], ctx.state["vector"].unsqueeze(0)):
-            embedding = pipe.text_encoder(torch.tensor([ids], device=pipe.text_encoder.device))[0]
+        ids, pos = placeholder_ids(tok, before, after)
+        with torch.no_grad(), replaced_token_embeddings(te, [pos], ctx.state["vector"].unsqueeze(0)):
+            embedding = clip_states(pipe, torch.tensor([ids]))
         text = " ".join(f"{before} {PLACEHOLDER} {after}".split())
         return Adversarial(text, embedding, ctx.state["loss"], meta={"token_position": pos})

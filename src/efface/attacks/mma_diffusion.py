@@ -26,12 +26,12 @@ token ids (their embedding is saved), the decoded text alongside.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack
+from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
+                                 clip_text, register_attack)
 from efface.errors import InputError
 from efface.models.text import framed_ids, replaced_token_embeddings, token_embedding, tokenize
 
@@ -49,16 +49,14 @@ class MMADiffusionConfig(AttackConfig):
     banned_words: tuple[str, ...] = field(default=(), metadata={
         "help": "tokens containing any of these are never used (the concept's word always is banned)"})
 
-    # toy-sd: 8 tokens, 40 steps, top-k 32, 64 candidates (about 1 s per prompt on 2 cores).
-    PRESETS: ClassVar[dict[str, dict]] = {"toy": {"tokens": 8, "steps": 40, "topk": 32, "batch": 64}}
-
     def __post_init__(self) -> None:
         self.check_counts("tokens", "steps", "topk", "batch")
 
 
 def pooled(pipe, ids: torch.Tensor) -> torch.Tensor:
-    """The text encoder's pooled (end-of-text) state of each row of ``ids``."""
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[1].float()
+    """The (first, CLIP) text encoder's pooled (end-of-text) state of each row of ``ids``."""
+    _, te = clip_text(pipe)
+    return te(ids.to(te.device))[1].float()
 
 
 @register_attack("mma-diffusion")
@@ -68,9 +66,10 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
     Config = MMADiffusionConfig
     paper = ("MMA-Diffusion: MultiModal Attack on Diffusion Models (Yang et al., CVPR 2024), arXiv 2311.17516")
     needs = frozenset({"text_encoder"})
+    family_notes = CLIP_ONLY_NOTES
 
     def _prepare(self, ctx: AttackContext) -> None:
-        tok, k = ctx.erased.tokenizer, self.config.tokens
+        (tok, _), k = clip_text(ctx.erased), self.config.tokens
         if k + 2 > tok.model_max_length:
             raise InputError(f"tokens {k} does not fit the tokenizer's {tok.model_max_length} (start and end "
                              f"included); use at most {tok.model_max_length - 2}")
@@ -85,11 +84,12 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
 
     def _loss(self, ctx: AttackContext, adv: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return 1 - F.cosine_similarity(pooled(ctx.erased, framed_ids(ctx.erased.tokenizer, adv)), target, dim=-1)
+            ids = framed_ids(clip_text(ctx.erased)[0], adv)
+            return 1 - F.cosine_similarity(pooled(ctx.erased, ids), target, dim=-1)
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
-        cfg, pipe, g, tok = self.config, ctx.erased, ctx.generator, ctx.erased.tokenizer
-        te, allowed = pipe.text_encoder, ctx.state["allowed"]
+        cfg, pipe, g, allowed = self.config, ctx.erased, ctx.generator, ctx.state["allowed"]
+        tok, te = clip_text(pipe)
         table = token_embedding(te).weight.detach()
         target = pooled(pipe, tokenize(pipe, [ctx.prompts[i]])).detach()
         choices = allowed.nonzero().squeeze(-1)
@@ -97,11 +97,11 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
         best, best_loss = adv.clone(), float(self._loss(ctx, adv, target))
         positions = list(range(1, cfg.tokens + 1))
         for _ in range(cfg.steps):
-            onehot = F.one_hot(adv[0], table.shape[0]).to(table.dtype).requires_grad_(True)
+            onehot = F.one_hot(adv[0], table.shape[0]).to(table.device, table.dtype).requires_grad_(True)
             with replaced_token_embeddings(te, positions, onehot @ table):
-                emb = te(framed_ids(ctx.erased.tokenizer, adv).to(te.device))[1].float()
+                emb = te(framed_ids(tok, adv).to(te.device))[1].float()
             (1 - F.cosine_similarity(emb, target, dim=-1)).sum().backward()
-            grad = F.normalize(onehot.grad, dim=-1)
+            grad = F.normalize(onehot.grad, dim=-1).cpu()  # the token search runs on the CPU
             grad[:, ~allowed] = float("inf")
             top = (-grad).topk(min(cfg.topk, int(allowed.sum())), dim=-1).indices  # tokens x topk
             where = (torch.arange(cfg.batch) * cfg.tokens // cfg.batch).clamp(max=cfg.tokens - 1)
@@ -120,5 +120,5 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
                 best, best_loss = adv.clone(), float(losses[j])
         text = tok.decode(best[0].tolist(), skip_special_tokens=True).strip()
         with torch.no_grad():
-            embedding = te(framed_ids(ctx.erased.tokenizer, best).to(te.device))[0]
+            embedding = clip_states(pipe, framed_ids(tok, best))
         return Adversarial(text, embedding, loss=best_loss, meta={"tokens": best[0].tolist()})

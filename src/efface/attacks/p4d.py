@@ -31,10 +31,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import (Adversarial, Attack, AttackConfig, AttackContext, generate_adversarial,
-                                 register_attack, target_latents)
+from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
+                                 clip_text, generate_adversarial, register_attack, target_latents)
 from efface.errors import InputError
-from efface.models.diffusion import add_noise, predict_noise
+from efface.models.diffusion import add_noise, num_train_timesteps, predict
+from efface.models.families import Conditioning
 from efface.models.text import encode, replaced_token_embeddings, token_embedding
 
 
@@ -46,10 +47,6 @@ class P4DConfig(AttackConfig):
     lr: float = field(default=0.1, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     eval_every: int = field(default=50, metadata={"help": "steps between judged evaluations (early stop)"})
-
-    # toy-sd on 2 cores: 100 steps, judged every 25 (about 3 s per prompt); N 8 fits its 24-token
-    # tokenizer with room to spare.
-    PRESETS: ClassVar[dict[str, dict]] = {"toy": {"prompt_length": 8, "iterations": 100, "eval_every": 25}}
 
     def __post_init__(self) -> None:
         self.check_counts("prompt_length", "every_k", "iterations", "eval_every")
@@ -67,11 +64,12 @@ class P4D(Attack[P4DConfig]):
     paper = ("Prompting4Debugging: Red-Teaming Text-to-Image Diffusion Models by Finding Problematic Prompts "
              "(Chin et al., ICML 2024), arXiv 2309.06135")
     needs = frozenset({"erased_model", "original_model", "target_images"})
+    family_notes = CLIP_ONLY_NOTES
     insert: ClassVar[bool] = False  # p4d-k: free tokens inserted into the prompt
 
     def _layout(self, ctx: AttackContext, i: int) -> tuple[list[int], list[int]]:
         """Token ids (free slots hold a placeholder) and the free slots' positions."""
-        tok = ctx.erased.tokenizer
+        tok, _ = clip_text(ctx.erased)
         if self.insert:
             prompt = tok(ctx.prompts[i], truncation=False).input_ids[1:-1]
             body: list[int | None] = []
@@ -94,28 +92,28 @@ class P4D(Attack[P4DConfig]):
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         cfg, pipe, g = self.config, ctx.erased, ctx.generator
-        te, table = pipe.text_encoder, token_embedding(pipe.text_encoder).weight.detach()
+        _, te = clip_text(pipe)
+        table = token_embedding(te).weight.detach()
         ids, free = self._layout(ctx, i)
-        ids_t = torch.tensor([ids], device=te.device)
+        ids_t = torch.tensor([ids])
         start = torch.randint(table.shape[0], (len(free),), generator=g)
         soft = table[start].clone().float().requires_grad_(True)
         optimizer = torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        alphas = pipe.scheduler.alphas_cumprod
+        steps = num_train_timesteps(pipe)
         x0 = ctx.state["x0"][i : i + 1]
         with torch.no_grad():
-            unsafe = encode(ctx.original, [ctx.prompts[i]]).to(ctx.original.unet.dtype)
+            unsafe = encode(ctx.original, [ctx.prompts[i]])
         tokens, loss_value, step = nearest_tokens(soft.detach(), table.float()), None, 0
         for step in range(1, cfg.iterations + 1):
-            t = int(torch.randint(len(alphas), (), generator=g))
-            x_t, _ = add_noise(pipe, x0, t, g)
+            t = int(torch.randint(steps, (), generator=g))
+            x_t, _ = add_noise(pipe, x0, t, g)  # the target is the original model's own prediction
             with torch.no_grad():
-                wanted = predict_noise(ctx.original.unet, x_t, torch.tensor(t), unsafe)
+                wanted = predict(ctx.original, x_t, t, unsafe)
             tokens = nearest_tokens(soft.detach(), table.float())
             hard = table[tokens].float() + soft - soft.detach()  # PEZ: the projected tokens' gradient moves soft
             with replaced_token_embeddings(te, free, hard):
-                cond = te(ids_t)[0]
-            loss = F.mse_loss(predict_noise(pipe.unet, x_t, torch.tensor(t), cond.to(pipe.unet.dtype)).float(),
-                              wanted.float())
+                cond = clip_states(pipe, ids_t)
+            loss = F.mse_loss(predict(pipe, x_t, t, Conditioning(cond)).float(), wanted.float())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -134,10 +132,9 @@ class P4D(Attack[P4DConfig]):
         ids, free = self._layout(ctx, i)
         for j, t in zip(free, tokens.tolist()):
             ids[j] = t
-        te = ctx.erased.text_encoder
         with torch.no_grad():
-            embedding = te(torch.tensor([ids], device=te.device))[0]
-        text = ctx.erased.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            embedding = clip_states(ctx.erased, torch.tensor([ids]))
+        text = clip_text(ctx.erased)[0].decode(ids, skip_special_tokens=True).strip()
         return Adversarial(text, embedding, loss, meta={"tokens": tokens.tolist(), "steps": step})
 
 

@@ -9,8 +9,9 @@ surrogate against it, then used on the erased model.
 
       min_v  L(v) / sg(L(v)),   L(v) = || eps - eps_s(x_t, t, [context, v]) ||^2
 
-  Each epoch takes one image and walks ``bands`` timestep bands from high noise to low
-  (``steps_per_band`` draws in each); AdamW.
+  (``eps``: the model's own target, the velocity on a v-prediction model.) Each epoch takes one
+  image and walks ``bands`` timestep bands from high noise to low (``steps_per_band`` draws in
+  each); AdamW.
 * Transfer: every ``surrogate_every`` epochs the surrogate's cross-attention is updated for
   ``surrogate_steps`` Adam steps to *erase* the current ``v`` (ESD / CA style: its output with ``v``
   is pulled to its own detached output for the context without the concept), so that the search
@@ -28,16 +29,17 @@ official repository picks one by hand from its logs).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack, target_latents
+from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
+                                 clip_text, register_attack, target_latents)
 from efface.attacks.concept_inversion import placeholder_ids, split_at
-from efface.models.diffusion import add_noise, predict_noise
+from efface.models.diffusion import add_noise, frozen_copy, num_train_timesteps, predict
+from efface.models.families import Conditioning, family_of
+from efface.models.params import select
 from efface.models.text import replaced_token_embeddings, token_embedding
 
 
@@ -52,10 +54,6 @@ class PUNDConfig(AttackConfig):
     surrogate_steps: int = field(default=5, metadata={"help": "Adam steps of each hardening round"})
     surrogate_lr: float = field(default=1e-5, metadata={"help": "Adam learning rate of the surrogate's cross-attention"})
 
-    # toy-sd on 2 cores: 60 epochs, the surrogate hardened every 20 with a toy-sized step (1e-4;
-    # toy-sd was trained at 1e-3); about 20 s per concept.
-    PRESETS: ClassVar[dict[str, dict]] = {"toy": {"epochs": 60, "surrogate_every": 20, "surrogate_lr": 1e-4}}
-
     def __post_init__(self) -> None:
         self.check_counts("epochs", "bands", "steps_per_band", "surrogate_every", "surrogate_steps")
 
@@ -68,27 +66,30 @@ class PUND(Attack[PUNDConfig]):
     paper = ("Probing Unlearned Diffusion Models: A Transferable Adversarial Attack Perspective (Han et al., 2024), "
              "arXiv 2404.19382")
     needs = frozenset({"original_model", "target_images"})
+    family_notes = CLIP_ONLY_NOTES
 
-    def _cond(self, te, ids: list[int], pos: int, v: torch.Tensor) -> torch.Tensor:
-        with replaced_token_embeddings(te, [pos], v.unsqueeze(0)):
-            return te(torch.tensor([ids], device=te.device))[0]
+    def _cond(self, pipe, ids: list[int], pos: int, v: torch.Tensor) -> torch.Tensor:
+        """``pipe``'s first text encoder's states of ``ids`` with ``v`` as the token at ``pos``."""
+        with replaced_token_embeddings(clip_text(pipe)[1], [pos], v.unsqueeze(0)):
+            return clip_states(pipe, torch.tensor([ids]))
 
     def _prepare(self, ctx: AttackContext) -> None:
         cfg, g, original = self.config, ctx.generator, ctx.original
-        tok, te = original.tokenizer, original.text_encoder
+        tok, te = clip_text(original)
         layouts = [placeholder_ids(tok, *split_at(p, ctx.concept)) for p in ctx.prompts]  # every prompt fits
         context = [tok.decode(ids[1:pos], skip_special_tokens=True) for ids, pos in layouts]
         table = token_embedding(te).weight.detach()
         first = tok(ctx.concept.split()[-1], truncation=False).input_ids[1]
         v = table[first].clone().float().requires_grad_(True)
         optimizer = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        surrogate = copy.deepcopy(original.unet).eval()
-        surrogate.requires_grad_(False)
-        hardened = [p for n, p in surrogate.named_parameters() if ".attn2." in n]
+        family = family_of(original)
+        surrogate = frozen_copy(family.denoiser(original))
+        prefix = f"{family.denoiser_name}."  # the cross-attention parameters, named as in the surrogate
+        xattn = {k.removeprefix(prefix) for k in select(original, "xattn") if k.startswith(prefix)}
+        hardened = [p for n, p in surrogate.named_parameters() if n in xattn]
         surrogate_opt = torch.optim.Adam(hardened, lr=cfg.surrogate_lr)
         latents = target_latents(original, ctx.target_images).mean
-        alphas = original.scheduler.alphas_cumprod
-        width = len(alphas) // cfg.bands
+        width = num_train_timesteps(original) // cfg.bands
         loss_value = None
         for epoch in range(1, cfg.epochs + 1):
             i = int(torch.randint(len(layouts), (), generator=g))
@@ -97,9 +98,10 @@ class PUND(Attack[PUNDConfig]):
             for band in reversed(range(cfg.bands)):
                 for _ in range(cfg.steps_per_band):
                     t = band * width + int(torch.randint(width, (), generator=g))
-                    x_t, noise = add_noise(original, x0, t, g)
-                    pred = predict_noise(surrogate, x_t, torch.tensor(t), self._cond(te, ids, pos, v).to(surrogate.dtype))
-                    loss = F.mse_loss(pred.float(), noise.float())
+                    x_t, target = add_noise(original, x0, t, g)
+                    cond = Conditioning(self._cond(original, ids, pos, v))
+                    pred = predict(original, x_t, t, cond, denoiser=surrogate)
+                    loss = F.mse_loss(pred.float(), target.float())
                     optimizer.zero_grad()
                     (loss / loss.detach()).backward()
                     optimizer.step()
@@ -112,19 +114,18 @@ class PUND(Attack[PUNDConfig]):
         """Make the surrogate unlearn ``v``: its output with ``v`` pulled to its output without the concept."""
         from efface.models.text import encode
 
-        cfg, g, te = self.config, ctx.generator, ctx.original.text_encoder
+        cfg, g, original = self.config, ctx.generator, ctx.original
         for p in hardened:
             p.requires_grad_(True)
         with torch.no_grad():
-            adv = self._cond(te, *layout, v).to(surrogate.dtype)
-            plain = encode(ctx.original, [context]).to(surrogate.dtype)
-        alphas = ctx.original.scheduler.alphas_cumprod
+            adv = Conditioning(self._cond(original, *layout, v))
+            plain = encode(original, [context])
         for _ in range(cfg.surrogate_steps):
-            t = int(torch.randint(len(alphas), (), generator=g))
-            x_t, _ = add_noise(ctx.original, x0, t, g)
+            t = int(torch.randint(num_train_timesteps(original), (), generator=g))
+            x_t, _ = add_noise(original, x0, t, g)
             with torch.no_grad():
-                wanted = predict_noise(surrogate, x_t, torch.tensor(t), plain)
-            loss = F.mse_loss(predict_noise(surrogate, x_t, torch.tensor(t), adv).float(), wanted.float())
+                wanted = predict(original, x_t, t, plain, denoiser=surrogate)
+            loss = F.mse_loss(predict(original, x_t, t, adv, denoiser=surrogate).float(), wanted.float())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -134,8 +135,8 @@ class PUND(Attack[PUNDConfig]):
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         pipe = ctx.erased
         before, after = split_at(ctx.prompts[i], ctx.concept)
-        ids, pos = placeholder_ids(pipe.tokenizer, before, after)
+        ids, pos = placeholder_ids(clip_text(pipe)[0], before, after)
         with torch.no_grad():
-            embedding = self._cond(pipe.text_encoder, ids, pos, ctx.state["vector"])
+            embedding = self._cond(pipe, ids, pos, ctx.state["vector"])
         return Adversarial(" ".join(f"{before} <pund> {after}".split()), embedding, ctx.state["loss"],
                            meta={"token_position": pos})

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import (Adversarial, Attack, AttackConfig, AttackContext, generate_adversarial,
-                                 register_attack)
+from efface.attacks.base import (ALL_FAMILIES, Adversarial, Attack, AttackConfig, AttackContext, clip_text,
+                                 generate_adversarial, register_attack)
 from efface.errors import InputError
 from efface.models.text import token_embedding
 
@@ -46,11 +45,6 @@ class RIATIGConfig(AttackConfig):
     mutation: float = field(default=0.85, metadata={"help": "starting mutation probability (then adaptive)"})
     neighbours: int = field(default=100, metadata={"help": "nearest words a word may be swapped for"})
 
-    # toy-sd: 12 + 5 x 8 images per prompt (a few seconds on 2 cores), 8 neighbours (its vocabulary
-    # has about 40 words).
-    PRESETS: ClassVar[dict[str, dict]] = {"toy": {"population": 12, "children": 8, "elites": 4, "generations": 5,
-                                                  "neighbours": 8}}
-
     def __post_init__(self) -> None:
         self.check_counts("population", "children", "elites", "generations", "neighbours")
         if not 0.0 <= self.mutation <= 1.0:
@@ -65,9 +59,13 @@ class RIATIG(Attack[RIATIGConfig]):
     paper = ("RIATIG: Reliable and Imperceptible Adversarial Text-to-Image Generation With Natural Prompts "
              "(Liu et al., CVPR 2023)")
     needs = frozenset({"target_images", "image_features"})
+    # Text edits generated through efface.sampling (family-aware); the neighbour words come from the
+    # first (CLIP) tokenizer's vocabulary and text encoder's token embeddings, which every family has
+    # (SDXL: CLIP-L, SD3: CLIP-L, Flux: the CLIP of the pooled embedding): a word-similarity space only.
+    families = ALL_FAMILIES
 
     def _prepare(self, ctx: AttackContext) -> None:
-        tok = ctx.erased.tokenizer
+        tok, te = clip_text(ctx.erased)
         words = {}
         for piece, i in tok.get_vocab().items():
             word = piece.removesuffix("</w>")
@@ -75,7 +73,7 @@ class RIATIG(Attack[RIATIGConfig]):
                 words[word] = i
         banned = {w.lower() for w in ctx.concept.split()}
         names = [w for w in words if w.lower() not in banned]
-        table = F.normalize(token_embedding(ctx.erased.text_encoder).weight.detach().float(), dim=-1)
+        table = F.normalize(token_embedding(te).weight.detach().float(), dim=-1).cpu()
         ctx.state["words"], ctx.state["ids"] = names, torch.tensor([words[w] for w in names])
         ctx.state["table"], ctx.state["word_ids"] = table, words
         with torch.no_grad():

@@ -28,14 +28,13 @@ differ); every random draw comes from the attack's seeded generator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
-from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack
+from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
+                                 clip_text, register_attack)
 from efface.errors import InputError
-from efface.methods.prompts import TOY_CONTEXTS, fill
-from efface.models.text import encode, framed_ids
+from efface.models.text import encode, fill, framed_ids
 
 PAIR_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}")
 
@@ -55,13 +54,6 @@ class RingABellConfig(AttackConfig):
                                                                            "(replace the templates' pairs)"})
     contrast_prompts: tuple[str, ...] = field(default=(), metadata={"help": "the same prompts without it"})
 
-    # toy-sd: captions are short (its tokenizer keeps 24 tokens), K 8; the toy world's caption
-    # contexts make the pairs; population 64 (32 kept), 150 generations (about 3 s per prompt on
-    # 2 cores; 200 x 300 took 20 s).
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"prompt_length": 8, "population": 64, "survivors": 32, "generations": 150, "templates": TOY_CONTEXTS},
-    }
-
     def __post_init__(self) -> None:
         self.check_counts("prompt_length", "population", "generations", "survivors")
         if not 2 <= self.survivors <= self.population:
@@ -77,13 +69,13 @@ class RingABellConfig(AttackConfig):
 def concept_vector(pipe, with_concept: list[str], without: list[str]) -> torch.Tensor:
     """``mean_i f(with_i) - f(without_i)`` over the whole padded sequence (``L x D``)."""
     with torch.no_grad():
-        return (encode(pipe, with_concept) - encode(pipe, without)).float().mean(0)
+        return (encode(pipe, with_concept).embeds - encode(pipe, without).embeds).float().mean(0)
 
 
 def _encode_ids(pipe, tokens: torch.Tensor) -> torch.Tensor:
     """Text-encoder output of ``[start, tokens..., end, pad...]`` for each row of ``tokens``."""
     with torch.no_grad():
-        return pipe.text_encoder(framed_ids(pipe.tokenizer, tokens).to(pipe.text_encoder.device))[0].float()
+        return clip_states(pipe, framed_ids(clip_text(pipe)[0], tokens)).float()
 
 
 @register_attack("ring-a-bell")
@@ -93,9 +85,10 @@ class RingABell(Attack[RingABellConfig]):
     Config = RingABellConfig
     paper = "Ring-A-Bell! How Reliable are Concept Removal Methods for Diffusion Models? (Tsai et al., ICLR 2024), arXiv 2310.10012"
     needs = frozenset({"text_encoder"})
+    family_notes = CLIP_ONLY_NOTES
 
     def _prepare(self, ctx: AttackContext) -> None:
-        cfg, tok = self.config, ctx.erased.tokenizer
+        cfg, (tok, _) = self.config, clip_text(ctx.erased)
         if cfg.prompt_length + 2 > tok.model_max_length:
             raise InputError(f"prompt_length {cfg.prompt_length} does not fit the tokenizer's "
                              f"{tok.model_max_length} tokens (start and end included); use at most "
@@ -111,7 +104,7 @@ class RingABell(Attack[RingABellConfig]):
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         cfg, g, vocab = self.config, ctx.generator, ctx.state["vocab"]
         with torch.no_grad():
-            target = encode(ctx.erased, [ctx.prompts[i]]).float()[0] + cfg.eta * ctx.state["vector"]
+            target = encode(ctx.erased, [ctx.prompts[i]]).embeds.float()[0] + cfg.eta * ctx.state["vector"]
         target = target.cpu()
 
         def fitness(pop: torch.Tensor) -> torch.Tensor:
@@ -142,6 +135,7 @@ class RingABell(Attack[RingABellConfig]):
                 born = torch.cat(children)[: cfg.population - cfg.survivors]
                 pop, scores = torch.cat([parents, born]), torch.cat([kept, fitness(born)])
         best = pop[int(scores.argmax())]
-        text = ctx.erased.tokenizer.decode(best.tolist(), skip_special_tokens=True).strip()
-        embedding = _encode_ids(ctx.erased, best.unsqueeze(0)).to(ctx.erased.text_encoder.dtype)
+        tok, te = clip_text(ctx.erased)
+        text = tok.decode(best.tolist(), skip_special_tokens=True).strip()
+        embedding = _encode_ids(ctx.erased, best.unsqueeze(0)).to(te.dtype)
         return Adversarial(text, embedding, loss=float(-scores.max()), meta={"tokens": best.tolist()})

@@ -27,14 +27,15 @@ decoded text alongside; with a v-prediction model the target is the velocity.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import Adversarial, Attack, AttackConfig, AttackContext, register_attack, target_latents
+from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
+                                 clip_text, register_attack, target_latents)
 from efface.errors import InputError
-from efface.models.diffusion import add_noise, predict_noise
+from efface.models.diffusion import add_noise, num_train_timesteps, predict
+from efface.models.families import Conditioning
 from efface.models.text import replaced_token_embeddings, token_embedding
 
 
@@ -46,10 +47,6 @@ class UnlearnDiffAtkConfig(AttackConfig):
     weight_decay: float = field(default=0.1, metadata={"help": "Adam (coupled L2) weight decay"})
     n_timesteps: int = field(default=50, metadata={"help": "timesteps visited in ascending order"})
     early_stop: bool = field(default=True, metadata={"help": "stop once the judge sees the concept"})
-
-    # toy-sd: 10 timesteps x 10 steps (about 2 s per prompt on 2 cores); its 16-token tokenizer
-    # leaves room for k 3 before short toy captions.
-    PRESETS: ClassVar[dict[str, dict]] = {"toy": {"tokens": 3, "iterations": 10, "n_timesteps": 10}}
 
     def __post_init__(self) -> None:
         self.check_counts("tokens", "iterations", "n_timesteps")
@@ -79,9 +76,10 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
     paper = ("To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy To Generate Unsafe "
              "Images ... For Now (Zhang et al., ECCV 2024), arXiv 2310.11868")
     needs = frozenset({"erased_model", "target_images"})
+    family_notes = CLIP_ONLY_NOTES
 
     def _prepare(self, ctx: AttackContext) -> None:
-        tok, k = ctx.erased.tokenizer, self.config.tokens
+        (tok, _), k = clip_text(ctx.erased), self.config.tokens
         for p in ctx.prompts:
             n = len(tok(p, truncation=False).input_ids)  # start + prompt + end
             if n + k > tok.model_max_length:
@@ -91,37 +89,33 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
 
     def _ids(self, ctx: AttackContext, i: int, adv: torch.Tensor) -> torch.Tensor:
         """``[start, adv..., prompt..., end, pad...]``, cut to the tokenizer's length."""
-        tok = ctx.erased.tokenizer
+        tok, _ = clip_text(ctx.erased)
         prompt = tok(ctx.prompts[i], truncation=False).input_ids[1:]  # prompt + end
         ids = [tok.bos_token_id, *adv.tolist(), *prompt]
         ids += [tok.pad_token_id] * (tok.model_max_length - len(ids))
         return torch.tensor([ids[: tok.model_max_length]])
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
-        cfg, pipe, g = self.config, ctx.erased, ctx.generator
-        unet, te, k = pipe.unet, pipe.text_encoder, cfg.tokens
+        cfg, pipe, g, k = self.config, ctx.erased, ctx.generator, self.config.tokens
+        _, te = clip_text(pipe)
         table = token_embedding(te).weight.detach()
         vocab = table.shape[0]
         u = torch.full((k, vocab), 1.0 / vocab, requires_grad=True)
         optimizer = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        alphas = pipe.scheduler.alphas_cumprod
         x0 = ctx.state["x0"][i : i + 1]
-        v_prediction = getattr(pipe.scheduler.config, "prediction_type", "epsilon") == "v_prediction"
-        placeholder = self._ids(ctx, i, torch.zeros(k, dtype=torch.long)).to(te.device)
+        placeholder = self._ids(ctx, i, torch.zeros(k, dtype=torch.long))
         positions = list(range(1, k + 1))
         best = u.detach().argmax(-1)
         loss_value = None
-        for t in timesteps(cfg.n_timesteps, len(alphas)):
-            a = alphas[t].to(x0.device, x0.dtype)
+        for t in timesteps(cfg.n_timesteps, num_train_timesteps(pipe)):
             for _ in range(cfg.iterations):
                 sampled = torch.multinomial(u.detach(), 1, generator=g).squeeze(-1)
                 onehot = F.one_hot(sampled, vocab).to(u.dtype)
                 onehot = onehot + u - u.detach()  # straight-through: d onehot = d u
                 with replaced_token_embeddings(te, positions, onehot.to(table.device) @ table):
-                    cond = te(placeholder)[0]
-                x_t, noise = add_noise(pipe, x0, t, g)
-                target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_prediction else noise
-                loss = F.mse_loss(predict_noise(unet, x_t, torch.tensor(t), cond.to(unet.dtype)).float(), target.float())
+                    cond = clip_states(pipe, placeholder)
+                x_t, target = add_noise(pipe, x0, t, g)  # target: the noise (epsilon) or the velocity (v)
+                loss = F.mse_loss(predict(pipe, x_t, t, Conditioning(cond)).float(), target.float())
                 optimizer.zero_grad()
                 loss.backward()
                 u.grad.clamp_(-1, 1)  # the official straight-through estimator's hardtanh
@@ -137,7 +131,7 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
 
     def _embedding(self, ctx: AttackContext, i: int, tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return ctx.erased.text_encoder(self._ids(ctx, i, tokens).to(ctx.erased.text_encoder.device))[0]
+            return clip_states(ctx.erased, self._ids(ctx, i, tokens))
 
     def _image(self, ctx: AttackContext, i: int, tokens: torch.Tensor):
         from efface.attacks.base import generate_adversarial
@@ -146,6 +140,6 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
         return generate_adversarial(ctx.erased, [adv], [ctx.seeds[i]], ctx.generation)[0]
 
     def _adversarial(self, ctx: AttackContext, i: int, tokens: torch.Tensor, loss: float | None, t: int) -> Adversarial:
-        words = ctx.erased.tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()
+        words = clip_text(ctx.erased)[0].decode(tokens.tolist(), skip_special_tokens=True).strip()
         return Adversarial(f"{words} {ctx.prompts[i]}".strip(), self._embedding(ctx, i, tokens), loss,
                            meta={"tokens": tokens.tolist(), "last_timestep": t})

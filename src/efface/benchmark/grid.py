@@ -1,9 +1,10 @@
 """The benchmark grid: method x concept cells (and multi-concept cells), cached and resumable.
 
-Each cell erases with the method's preset (``toy`` on toy-sd), evaluates with
-:func:`efface.evaluation.evaluate` and writes ``cells/<name>.json`` atomically, with a key made of
-everything that determines its result; a rerun skips every cell whose file has the same key, so an
-interrupted run resumes where it stopped. Sample images of every cell go to ``images/<name>/``.
+Each cell erases with the method's preset (``toy`` on toy-sd, chosen by
+:func:`efface.toy.presets.method_setup`), evaluates with :func:`efface.evaluation.evaluate` and
+writes ``cells/<name>.json`` atomically, with a key made of everything that determines its result;
+a rerun skips every cell whose file has the same key, so an interrupted run resumes where it
+stopped. Sample images of every cell go to ``images/<name>/``.
 """
 
 from __future__ import annotations
@@ -20,15 +21,11 @@ from tqdm.auto import tqdm
 from efface.errors import InputError
 from efface.evaluation import EvalConfig, check_concepts, evaluate
 from efface.io import atomic_dir, atomic_file
-from efface.models.loading import is_toy
+from efface.toy.presets import default_preset, method_setup
 from efface.toy.world import AXES, axis_of
 
 log = logging.getLogger(__name__)
 
-# methods whose paper always maps the target onto a named anchor concept (Concept Ablation: the
-# category, "grumpy cat" -> "cat"; DoCo, built on it: "painting" for "van gogh"); the toy world has no category word, so they get the axis'
-# first other concept. The others use their paper's default anchor.
-NAMED_ANCHOR = frozenset({"ca", "doco"})
 SAMPLES = 8  # images per group kept for the report
 
 
@@ -40,7 +37,8 @@ class BenchConfig:
     concepts: str = field(default="circle,striped,red", metadata={"help": "comma-separated toy concepts"})
     multi_concept: bool = field(default=True, metadata={"help": "also erase 1, 3 and all concepts of the "
                                                                 "first concept's axis at once"})
-    preset: str = field(default="", metadata={"help": "method preset (default: 'toy' on toy-sd, else 'paper')"})
+    preset: str = field(default="", metadata={"help": "method preset: 'paper' or 'toy' (default: 'toy' on toy-sd, "
+                                                       "else 'paper'; 'toy' only on toy-sd)"})
     attacks: str = field(default="", metadata={"help": "comma-separated attacks run against every single-concept "
                                                         "cell (robustness column; efface list attacks)"})
     attack_prompts: int = field(default=8, metadata={"help": "prompts each attack tries per cell"})
@@ -81,11 +79,16 @@ class BenchConfig:
 
 def request_for(method: str, concepts: list[str]) -> dict[str, Any]:
     """The erasure request the benchmark gives ``method``: preserve the rest of the axes involved;
-    anchor: the method's default, or a named other concept for :data:`NAMED_ANCHOR` methods."""
+    anchor: the method's default, or, for methods whose paper always maps the target onto a named
+    concept (``named_anchor``: CA, DoCo), the axis' first other concept (the toy world has no
+    category word)."""
+    import efface.methods  # noqa: F401  (registers the methods)
+    from efface.registry import METHODS
+
     axes = dict.fromkeys(axis_of(c) for c in concepts)
     preserve = [o for a in axes for o in AXES[a] if o not in concepts]
     anchor = None
-    if method in NAMED_ANCHOR:  # per concept: the axis' first concept not erased ("" if none is left)
+    if METHODS.get(method).named_anchor:  # per concept: the axis' first concept not erased ("" if none is left)
         anchor = [next((o for o in AXES[axis_of(c)] if o not in concepts), "") for c in concepts]
     return {"preserve": preserve, "anchor": anchor}
 
@@ -144,6 +147,7 @@ def run_cell(pipe, out: Path, name: str, method: str | None, concepts: list[str]
              config: EvalConfig, seed: int, base_ref: str, options: dict | None = None,
              attacks: list[str] | None = None, attack_prompts: int = 8) -> dict[str, Any]:
     """Erase (unless ``method`` is None: the base model) and evaluate one cell; cached by key.
+    ``preset``: the preset's name (:func:`efface.toy.presets.method_setup` resolves it);
     ``options``: method options on top of the preset; ``attacks``: run against the erased model
     (single-concept cells) to fill ``robustness``."""
     options = options or {}
@@ -158,8 +162,9 @@ def run_cell(pipe, out: Path, name: str, method: str | None, concepts: list[str]
     if method is not None:
         from efface.methods import erase
 
-        erased = erase(pipe, method, concepts, seed=seed, preset=preset, progress=False,
-                       **request_for(method, concepts), **options)
+        chosen, inputs = method_setup(method, pipe, preset)
+        erased = erase(pipe, method, concepts, seed=seed, preset=chosen, progress=False,
+                       **request_for(method, concepts), **inputs, **options)
     images: dict = {}
     result = evaluate(pipe, concepts, erased=erased, config=config, seed=seed, images_out=images)
     if attacks:
@@ -179,7 +184,9 @@ def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_con
     config, eval_config, out = config or BenchConfig(), eval_config or EvalConfig(), Path(out)
     methods, concepts, multi = config.method_list(), config.concept_list(), config.multi_sets()
     attacks = config.attack_list()
-    preset = config.preset or ("toy" if is_toy(pipe) else "paper")
+    preset = config.preset or default_preset(pipe)
+    for method in methods:
+        method_setup(method, pipe, preset)  # a preset the model cannot take fails before any cell
     base_ref = str(getattr(pipe, "efface_source", type(pipe).__name__))
     jobs = [(f"base__{c}", None, [c]) for c in concepts]
     jobs += [(f"base__multi-{k}", None, cs) for k, cs in multi.items() if k != "1"]

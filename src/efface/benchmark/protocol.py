@@ -36,6 +36,7 @@ from efface.evaluation import EvalConfig, erasure_cost, run_provenance
 from efface.metrics.stats import mean_defined, paired_rms
 from efface.protocols.base import EvalPrompt, load_protocol
 from efface.sampling import GenerationConfig, generate_many
+from efface.toy.presets import default_preset, method_setup
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,9 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
     options = options or {}
     config, eval_config, out = config or BenchConfig(), eval_config or EvalConfig(), Path(out)
     methods, concepts = config.method_list(), list(prepared.spec.concepts)
-    preset = config.preset or "paper"
+    preset = config.preset or default_preset(pipe)
+    for method in methods:
+        method_setup(method, pipe, preset)  # a preset the model cannot take ('toy') fails before any cell
     base_ref = str(getattr(pipe, "efface_source", type(pipe).__name__))
     what = {"protocol": asdict(prepared.config), "prompts": [asdict(p) for p in prepared.prompts],
             "coco": [asdict(p) for p in prepared.coco], "eval": asdict(eval_config), "seed": seed, "model": base_ref}
@@ -252,7 +255,8 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
             if method is not None:
                 from efface.methods import erase
 
-                erased = erase(pipe, method, concepts, seed=seed, preset=preset, progress=progress,
+                chosen, inputs = method_setup(method, pipe, preset)
+                erased = erase(pipe, method, concepts, seed=seed, preset=chosen, progress=progress, **inputs,
                                **options.get(method, {}))
             if base_coco is None:
                 base_coco = generate_prompts(pipe, prepared.coco, eval_config.generation(), seed)

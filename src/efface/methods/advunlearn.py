@@ -43,13 +43,40 @@ Differences from the official code, and why:
   concept into prompt contexts (official: the bare concept; the toy preset uses toy-sd's captions);
 * the official iterative retain variant (``retain_train='iter'``), the ``replace_k`` / ``add`` /
   ``suffix_k`` insertions, the ``condition_embd`` attack and the per-layer text-encoder subsets
-  are not implemented.
+  are not implemented;
+* the official code builds the prefixed prompt's input embeddings itself (start token, ``u``, the
+  prompt's token embeddings); here the prompt gets ``k`` one-token placeholder words after its
+  start token, tokenized and encoded by the pipeline's own ``encode_prompt``, with a forward hook
+  putting ``u`` in place of the placeholders' token embeddings: the same input to the encoder.
+
+Model families:
+
+* ``sd`` (SD 1.x / 2.x; the official code's SD 1.4): as above. Nothing is trained on the training
+  target of the noise schedule, only on the frozen model's predictions, so v-prediction
+  checkpoints (SD 2.x 768) need nothing else: ``e_0`` / ``e_p`` / the ESD target are v's;
+* ``sdxl``: both CLIP text encoders feed the UNet (their penultimate states, concatenated, and the
+  second one's pooled projection through ``add_embedding``), so the concept reaches the UNet
+  through either: ``text_encoder_full`` trains the layers and final norms of *both* (and the
+  second one's ``text_projection``, the pooled path; token / position embeddings stay), and the
+  result is a plug-in pair of text encoders. The attack perturbs *both* encoders: each has its own
+  embedding table, and a token of the prompt is a row of each, so ``u`` is one ``k x D`` tensor
+  per encoder (768 and 1280 wide on SDXL) at the same ``k`` slots, optimised jointly, started from
+  the two tables' rows of the same ``k`` random tokens (one draw). Perturbing the first encoder
+  only would leave the attacker no say in the second one's states, the pooled embedding among
+  them, which a real token prefix changes too. The UNet sets (``xattn``, ``noxattn``, ``full``)
+  are the UNet's as on SD (``noxattn`` leaves ``add_embedding`` out);
+* ``sd3`` / ``flux``: refused (``family_notes``): the attack's ``k`` tokens have no common meaning
+  across the CLIP and T5 tokenizers (different vocabularies, T5 has no start token, the token
+  states enter at different sequence positions), so a soft-prompt prefix needs a new, per-encoder
+  alignment mechanism; and training T5-XXL (4.7B parameters) as the "plug-in text encoder" is not
+  what the method was designed or evaluated for.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -59,10 +86,11 @@ import torch.nn.functional as F
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.esd import esd_target
-from efface.methods.prompts import TOY_CONTEXTS, draw_row, fill, filled
-from efface.models.diffusion import (ddim_scheduler, frozen_copy, initial_latents, predict_noise, random_index,
-                                     sample_to, train_steps, trainable)
-from efface.models.text import encode, framed_ids, replaced_token_embeddings, token_embedding, tokenize
+from efface.methods.prompts import draw_row, fill, filled
+from efface.models.diffusion import (frozen_copy, initial_latents, predict, random_index, sample_to, sampler,
+                                     train_steps, trainable)
+from efface.models.families import Conditioning, family_of
+from efface.models.text import encode, replaced_token_embeddings, token_embedding
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +123,6 @@ class AdvUnlearnConfig(MethodConfig):
     templates: tuple[str, ...] = field(default=("{}",), metadata={
         "help": "prompt templates of the concept (and anchor); one drawn per concept draw (official: bare concept)"})
 
-    # toy-sd: only its 3-layer, hidden-64 text encoder is trained. 100 iterations (40 plain ESD
-    # warm-up), batch 4 and 10 DDIM steps, ESD's toy negative guidance 3, k 1 with 2 attack steps
-    # at lr 1e-2 (the official 30 would cost 15x more), retain weight 6 on 4 of the other shapes'
-    # caption-context prompts per iteration: about 15k UNet evaluations (ESD's toy preset: ~26k),
-    # 167 s on 2 shared cores. n=48: circle 0.15, others 0.98. A text encoder shared by every
-    # prompt needs the strong retain term: weight 1 / 3 at lr 3e-4 leave the others at 0.81 / 0.85.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 100, "warmup_iter": 40, "lr": 2e-4, "ddim_steps": 10, "batch_size": 4,
-                "attack_step": 2, "attack_lr": 1e-2, "negative_guidance": 3.0, "retain_loss_w": 6.0,
-                "retain_batch": 4, "templates": TOY_CONTEXTS, "retain_templates": TOY_CONTEXTS},
-    }
-
     def __post_init__(self) -> None:
         self.check_bounds(at_least_one=("iterations", "ddim_steps", "batch_size", "adv_prompt_num", "attack_step",
                                         "adv_prompt_update_step", "retain_batch"),
@@ -116,40 +132,79 @@ class AdvUnlearnConfig(MethodConfig):
         self.check_templates("templates", "retain_templates")
 
 
-def prefixed_ids(tokenizer, prompt: str, k: int) -> torch.Tensor:
-    """``[start, pad x k, prompt..., end, pad...]`` (1 x length): ``k`` slots for adversarial token
-    embeddings before the prompt (the official ``prefix_k``; the slots' ids only pad them)."""
-    tokens = tokenizer(prompt, truncation=False).input_ids[1:-1]
-    return framed_ids(tokenizer, torch.tensor([[tokenizer.pad_token_id] * k + tokens]))
+PLACEHOLDERS = ("a", "x", "!")  # slot words tried in turn: one token each in every CLIP tokenizer
 
 
-def adversarial_condition(text_encoder, ids: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """The text encoder's hidden states for ``ids`` (from :func:`prefixed_ids`) whose token
-    embeddings at positions ``1..k`` are ``adv`` (``k x D``); differentiable in ``adv`` and in the
-    encoder's parameters. Every other position keeps its own token embedding."""
-    with replaced_token_embeddings(text_encoder, list(range(1, adv.shape[0] + 1)), adv):
-        return text_encoder(ids.to(text_encoder.device))[0]
+def prefix_encoders(pipe) -> list[torch.nn.Module]:
+    """The text encoders whose token embeddings the attack replaces: every (CLIP) text encoder of
+    the pipeline, in the family's order (SD: one; SDXL: both)."""
+    return [getattr(pipe, n) for n in family_of(pipe).text_encoders if getattr(pipe, n, None) is not None]
 
 
-def prefix_attack(text_encoder, unet, ids: torch.Tensor, adv: torch.Tensor,
+def _tokenizers(pipe) -> list:
+    return [getattr(pipe, n) for n in family_of(pipe).tokenizers if getattr(pipe, n, None) is not None]
+
+
+def _slots_at_start(tokenizer, text: str, prompt: str, k: int) -> bool:
+    ids, own = tokenizer(text, truncation=False).input_ids, tokenizer(prompt, truncation=False).input_ids
+    slot = ids[1] if len(ids) > 1 else None
+    return (len(ids) == len(own) + k and ids[0] == own[0] and ids[k + 1 :] == own[1:]
+            and all(i == slot for i in ids[1 : k + 1]) and slot not in (tokenizer.eos_token_id, tokenizer.bos_token_id))
+
+
+def prefixed_prompt(pipe, prompt: str, k: int) -> str:
+    """``prompt`` with ``k`` placeholder words before it: in every tokenizer of the pipeline, the
+    prompt's own tokens with ``k`` slots at positions ``1..k`` (right after the start token; the
+    official ``prefix_k``), which :func:`adversarial_condition` fills with the adversarial
+    embeddings. A slot is a single token that is neither the start nor the end token (CLIP pools
+    its output at the first end token)."""
+    for word in PLACEHOLDERS:
+        text = " ".join([word] * k + [prompt])
+        if all(_slots_at_start(tok, text, prompt, k) for tok in _tokenizers(pipe)):
+            return text
+    raise InputError(f"no placeholder word is a single token before {prompt!r} in every tokenizer of this pipeline")
+
+
+def token_tables(pipe) -> list[torch.Tensor]:
+    """The token embedding table of each of :func:`prefix_encoders`."""
+    return [token_embedding(te).weight for te in prefix_encoders(pipe)]
+
+
+def adversarial_condition(pipe, text: str, adv: Sequence[torch.Tensor]) -> Conditioning:
+    """The conditioning of ``text`` (from :func:`prefixed_prompt`) whose token embeddings at
+    positions ``1..k`` are ``adv`` (one ``k x D_i`` tensor per :func:`prefix_encoders` entry),
+    through the pipeline's own prompt encoding; differentiable in ``adv`` and in the encoders'
+    parameters where gradients are enabled. Every other position keeps its own token embedding."""
+    if len(adv) != len(prefix_encoders(pipe)):
+        raise ValueError(f"{len(adv)} adversarial embeddings for {len(prefix_encoders(pipe))} text encoders")
+    positions = list(range(1, adv[0].shape[0] + 1))
+    with ExitStack() as stack:
+        for te, embeds in zip(prefix_encoders(pipe), adv):
+            stack.enter_context(replaced_token_embeddings(te, positions, embeds))
+        return encode(pipe, [text], grad=torch.is_grad_enabled())
+
+
+def prefix_attack(pipe, text: str, adv: Sequence[torch.Tensor],
                   draw: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int, lr: float,
-                  signed: bool = False) -> tuple[torch.Tensor, list[float]]:
+                  signed: bool = False) -> tuple[list[torch.Tensor], list[float]]:
     """AdvUnlearn's lower level: ``steps`` Adam steps (lr ``lr``; on the gradient's sign if
-    ``signed``: fast AT) on the prepended embeddings ``adv`` minimising
-    ``|| unet(x_t, t, tau([adv; prompt])) - e_p ||^2``, with ``(x_t, t, e_p) = draw()`` fresh each
-    step. Model parameters get no gradient. Returns the embeddings and the loss before each step."""
-    adv = adv.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([adv], lr=lr)
+    ``signed``: fast AT) on the prepended embeddings ``adv`` (one tensor per text encoder, optimised
+    together) minimising ``|| model(x_t, t, tau([adv; prompt])) - e_p ||^2``, with
+    ``(x_t, t, e_p) = draw()`` fresh each step and ``text`` from :func:`prefixed_prompt`. Model
+    parameters get no gradient. Returns the embeddings and the loss before each step."""
+    adv = [a.detach().clone().requires_grad_(True) for a in adv]
+    optimizer = torch.optim.Adam(adv, lr=lr)
     losses = []
     for _ in range(steps):
         x_t, t, e_p = draw()
-        cond = adversarial_condition(text_encoder, ids, adv).to(unet.dtype)
-        loss = F.mse_loss(predict_noise(unet, x_t, t, cond).float(), e_p.float())
-        (grad,) = torch.autograd.grad(loss, adv)
-        adv.grad = grad.sign() if signed else grad
+        cond = adversarial_condition(pipe, text, adv)
+        loss = F.mse_loss(predict(pipe, x_t, t, cond).float(), e_p.float())
+        grads = torch.autograd.grad(loss, adv)
+        for a, grad in zip(adv, grads):
+            a.grad = grad.sign() if signed else grad
         optimizer.step()
         losses.append(float(loss.detach()))
-    return adv.detach(), losses
+    return [a.detach() for a in adv], losses
 
 
 @register_method("advunlearn")
@@ -160,6 +215,11 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
     paper = ("Defensive Unlearning with Adversarial Training for Robust Concept Erasure in Diffusion Models "
              "(Zhang et al., NeurIPS 2024), arXiv 2405.15234")
     preserves: ClassVar[bool] = True
+    families: ClassVar[frozenset[str]] = frozenset({"sd", "sdxl"})
+    family_notes: ClassVar[dict[str, str]] = dict.fromkeys(("sd3", "flux"), (
+        "the soft-prompt attack prepends k token embeddings to the prompt in every text encoder, and CLIP and T5 "
+        "share no vocabulary or token positions (T5 has no start token), so the k tokens have no common meaning "
+        "across them without a new alignment mechanism; the plug-in text encoder would also include T5-XXL"))
 
     @property
     def parameter_set(self) -> str:  # type: ignore[override]
@@ -168,82 +228,86 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
 
     def check(self, pipe, request: ErasureRequest) -> None:
         super().check(pipe, request)
-        tok, k = pipe.tokenizer, self.config.adv_prompt_num
+        k = self.config.adv_prompt_num
         for c in request.concepts:
             for t in self.config.templates:
-                n = len(tok(fill(t, c), truncation=False).input_ids)
-                if n + k > tok.model_max_length:
-                    raise InputError(f"{fill(t, c)!r} takes {n} tokens; with {k} adversarial tokens it exceeds the "
-                                     f"tokenizer's {tok.model_max_length}: shorten it or lower adv_prompt_num")
+                for tok in _tokenizers(pipe):
+                    n = len(tok(fill(t, c), truncation=False).input_ids)
+                    if n + k > tok.model_max_length:
+                        raise InputError(f"{fill(t, c)!r} takes {n} tokens; with {k} adversarial tokens it exceeds "
+                                         f"the tokenizer's {tok.model_max_length}: shorten it or lower adv_prompt_num")
+                prefixed_prompt(pipe, fill(t, c), k)
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
-        cfg, unet, te = self.config, pipe.unet, pipe.text_encoder
+        cfg, den = self.config, family_of(pipe).denoiser(pipe)
         k = cfg.adv_prompt_num
         prompts = filled(cfg.templates, request.concepts)
         retain = filled(cfg.retain_templates, request.preserve)
         if not retain and cfg.retain_loss_w > 0:
             log.info("%s: nothing to preserve, the retain loss is left out", self.name)
-        with torch.no_grad():  # tau*: the original encoder's conditionings (row i: prompts[i])
-            concepts = encode(pipe, prompts).to(unet.device, unet.dtype)
+        with torch.no_grad():  # tau*: the original encoders' conditionings (row i: prompts[i])
+            concepts = encode(pipe, prompts).to(den.device, den.dtype)
             anchors = encode(pipe, filled(cfg.templates, request.anchors))
-            anchors = anchors.to(unet.device, unet.dtype)
-            empty = encode(pipe, [""]).to(unet.device, unet.dtype)
-            retained = encode(pipe, retain).to(unet.device, unet.dtype) if retain else None
-        ids = [prefixed_ids(pipe.tokenizer, p, k) for p in prompts]
-        retain_ids = tokenize(pipe, retain).to(te.device) if retain else None
+            anchors = anchors.to(den.device, den.dtype)
+            empty = encode(pipe, [""]).to(den.device, den.dtype)
+            retained = encode(pipe, retain).to(den.device, den.dtype) if retain else None
+        prefixed = [prefixed_prompt(pipe, p, k) for p in prompts]
         params = trainable(pipe, self.parameter_set)
         trains_unet = not self.parameter_set.startswith("text_encoder")
-        frozen = frozen_copy(unet) if trains_unet else unet  # theta*: the UNet is unchanged otherwise
-        timesteps = ddim_scheduler(pipe, cfg.ddim_steps).timesteps
-        table = token_embedding(te).weight
+        frozen = frozen_copy(den) if trains_unet else None  # theta*: None, the denoiser is unchanged otherwise
+        timesteps = sampler(pipe, cfg.ddim_steps).timesteps
+        tables = token_tables(pipe)
+        vocab = min(t.shape[0] for t in tables)  # SDXL: both tables hold the same CLIP vocabulary
         n = cfg.batch_size
         state: dict = {"row": 0, "adv": None}
 
-        def draw_x_t(c: torch.Tensor, batch: int):
+        def draw_x_t(c: Conditioning, batch: int):
             step = random_index(cfg.ddim_steps, generator)
-            x_t = sample_to(pipe, c.expand(batch, -1, -1), empty, step, cfg.ddim_steps, cfg.start_guidance, generator,
-                            initial_latents(unet, batch, generator))
+            x_t = sample_to(pipe, c.expand(batch), empty, step, cfg.ddim_steps, cfg.start_guidance, generator,
+                            initial_latents(pipe, batch, generator))
             return x_t, timesteps[step], step
 
         def attack_draw():
             c = concepts[state["row"] : state["row"] + 1]
             x_t, t, _ = draw_x_t(c, n)
             with torch.no_grad():
-                e_p = predict_noise(frozen, x_t, t, c)
+                e_p = predict(pipe, x_t, t, c, denoiser=frozen)
             return x_t, t, e_p
 
         def loss(i: int) -> torch.Tensor:
-            if i % cfg.adv_prompt_update_step == 0:
+            update = i % cfg.adv_prompt_update_step == 0
+            if update:
                 state["row"] = draw_row(len(request.concepts), len(cfg.templates), generator)
-                if i >= cfg.warmup_iter:
-                    if cfg.attack_init == "latest" and state["adv"] is not None:
-                        start = state["adv"]
-                    else:
-                        start = table[random_index(table.shape[0], generator, k)].detach()
-                    state["adv"], _ = prefix_attack(te, unet, ids[state["row"]], start, attack_draw, cfg.attack_step,
-                                                    cfg.attack_lr, cfg.attack_method == "fast_at")
+            # the first adversarial iteration attacks even off the update grid (warmup_iter not a multiple)
+            if i >= cfg.warmup_iter and (update or state["adv"] is None):
+                if cfg.attack_init == "latest" and state["adv"] is not None:
+                    start = state["adv"]
+                else:  # the rows of the same k random tokens in every encoder's table
+                    token_ids = random_index(vocab, generator, k)
+                    start = [t[token_ids].detach() for t in tables]
+                state["adv"], _ = prefix_attack(pipe, prefixed[state["row"]], start, attack_draw, cfg.attack_step,
+                                                cfg.attack_lr, cfg.attack_method == "fast_at")
             row = state["row"]
             c, a = concepts[row : row + 1], anchors[row : row + 1]
             x_t, t, step = draw_x_t(c, n)
             with torch.no_grad():
-                both = torch.cat([a, c]).repeat_interleave(n, 0)  # n rows of a, then n of c
-                e_0, e_p = predict_noise(frozen, torch.cat([x_t, x_t]), t, both).chunk(2)
+                both = Conditioning.cat([a, c]).repeat(n)  # n rows of a, then n of c
+                e_0, e_p = predict(pipe, torch.cat([x_t, x_t]), t, both, denoiser=frozen).chunk(2)
             if i >= cfg.warmup_iter:
-                seen = adversarial_condition(te, ids[row], state["adv"])
+                seen = adversarial_condition(pipe, prefixed[row], state["adv"])
             else:
-                seen = te(tokenize(pipe, [prompts[row]]).to(te.device))[0]
-            e_n = predict_noise(unet, x_t, t, seen.to(unet.dtype))
+                seen = encode(pipe, [prompts[row]], grad=True)
+            e_n = predict(pipe, x_t, t, seen)
             total = F.mse_loss(e_n.float(), esd_target(e_0, e_p, cfg.negative_guidance).float())
             if retained is not None and cfg.retain_loss_w > 0:
                 pick = torch.randperm(len(retain), generator=generator)[: cfg.retain_batch]
                 r = retained[pick]
                 x_r = sample_to(pipe, r, empty, step, cfg.ddim_steps, cfg.start_guidance, generator,
-                                initial_latents(unet, len(pick), generator))
+                                initial_latents(pipe, len(pick), generator))
                 with torch.no_grad():
-                    target = predict_noise(frozen, x_r, t, r)
-                r_n = te(retain_ids[pick])[0]
-                total = total + cfg.retain_loss_w * F.mse_loss(predict_noise(unet, x_r, t, r_n.to(unet.dtype)).float(),
-                                                               target.float())
+                    target = predict(pipe, x_r, t, r, denoiser=frozen)
+                r_n = encode(pipe, [retain[j] for j in pick.tolist()], grad=True)
+                total = total + cfg.retain_loss_w * F.mse_loss(predict(pipe, x_r, t, r_n).float(), target.float())
             return total
 
         train_steps(loss, list(params.values()), cfg.iterations, lr=cfg.lr, name=self.name, progress=progress)

@@ -23,13 +23,14 @@ from typing import ClassVar, Generic, TypeVar
 import numpy as np
 import torch
 
-from efface.artifacts import FORMAT, ErasedModel, base_fingerprint, base_hash
-from efface.config import check_bounds, resolve
+from efface.artifacts import FORMAT, ErasedModel, base_fingerprint, base_hash, touched_components
+from efface.config import Preset, check_bounds, resolve
 from efface.errors import InputError
 from efface.models.adapters import Adapter
-from efface.models.diffusion import count_unet_evaluations
-from efface.models.params import named_parameters
-from efface.models.text import check_fits, model_family
+from efface.models.diffusion import count_denoiser_evaluations
+from efface.models.families import family_of
+from efface.models.params import named_parameters, select
+from efface.models.text import check_prompt
 from efface.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,16 @@ class ErasureRequest:
             raise InputError(f"{sorted(overlap)} both erased and preserved: remove them from preserve")
         return cls(clean, tuple(a.strip() for a in anchors), tuple(p.strip() for p in preserve))
 
-    def validate(self, tokenizer) -> None:
-        """Refuse empty concepts and concepts, anchors or preserved concepts the tokenizer truncates."""
+    def validate(self, pipe) -> None:
+        """Refuse empty concepts and concepts, anchors or preserved concepts any of the pipeline's
+        tokenizers would truncate."""
         for c in self.concepts:
-            check_fits(tokenizer, c, "concept")
+            check_prompt(pipe, c, "concept")
         for p in self.preserve:
-            check_fits(tokenizer, p, "preserved concept")
+            check_prompt(pipe, p, "preserved concept")
         for a in self.anchors:
             if a:
-                check_fits(tokenizer, a, "anchor")
+                check_prompt(pipe, a, "anchor")
 
 
 @dataclass
@@ -85,7 +87,9 @@ class MethodConfig:
     """Fields every method has. Subclasses add the paper's hyper-parameters, documented.
 
     Field defaults are the paper's / official code's. ``PRESETS`` maps a preset name to field
-    overrides; ``"toy"`` is the documented CPU-sized schedule for toy-sd (fewer iterations...).
+    overrides (the method's own named settings; none today). The toy-sd schedules are not here:
+    they live with the toy world (:mod:`efface.toy.presets`) and are handed in as a
+    :class:`~efface.config.Preset`.
     """
 
     PRESETS: ClassVar[dict[str, dict]] = {}
@@ -118,22 +122,25 @@ class ErasureMethod(ABC, Generic[C]):
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     paper: ClassVar[str] = ""  # "Title (Venue Year), arXiv id"
-    families: ClassVar[frozenset[str]] = frozenset({"sd"})
+    families: ClassVar[frozenset[str]] = frozenset({"sd"})  # model families (efface.models.families) it supports
+    family_notes: ClassVar[dict[str, str]] = {}  # family -> why it is not supported (or what differs there)
     default_anchor: ClassVar[str] = ""
-    parameter_set: ClassVar[str] = "all"  # the named set (efface.models.params) it may change
+    named_anchor: ClassVar[bool] = False  # whether the paper always maps the target onto a named concept
+    parameter_set: ClassVar[str | None] = "all"  # the named set (efface.models.params) it may change; None: none
     preserves: ClassVar[bool] = False  # whether request.preserve enters the method's objective
     exports_lora: ClassVar[bool] = False  # whether its adapter can be saved as a diffusers LoRA (ErasedModel.save(lora=True))
 
-    def __init__(self, config: C | None = None, *, preset: str | None = None, **overrides):
+    def __init__(self, config: C | None = None, *, preset: str | Preset | None = None, **overrides):
         self.config, self.preset = resolve(self.Config, self.name, config, preset, overrides,
                                            self.Config.PRESETS)  # type: ignore[assignment]
 
     def check(self, pipe, request: ErasureRequest) -> None:
-        """Everything that can be checked before work starts."""
-        family = model_family(pipe)
+        """Everything that can be checked before work starts: the family, then the request."""
+        family = family_of(pipe).name
         if family not in self.families:
-            raise InputError(f"{self.name} supports {', '.join(sorted(self.families))} models, not {family}")
-        request.validate(pipe.tokenizer)
+            why = self.family_notes.get(family, "not implemented for this family")
+            raise InputError(f"{self.name} supports {', '.join(sorted(self.families))} models, not {family}: {why}")
+        request.validate(pipe)
 
     @abstractmethod
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> Adapter | None:
@@ -141,10 +148,17 @@ class ErasureMethod(ABC, Generic[C]):
         (uninstalled: the pipeline's processors and hooks as they were)."""
 
     def fit(self, pipe, request: ErasureRequest, *, seed: int = 0, progress: bool = True) -> ErasedModel:
-        """Fit the erasure; the pipeline is left as it was, the result holds the changed tensors."""
+        """Fit the erasure; the pipeline is left as it was, the result holds the changed tensors.
+
+        Only the parameters the method may change (its ``parameter_set``) are copied (to the CPU)
+        and restored; every other parameter is checked, through the base fingerprint, to be as it
+        was: a method that touched one outside its set is a bug, reported as such."""
         self.check(pipe, request)
         fingerprint, digest = base_fingerprint(pipe), base_hash(pipe)
-        before = {f"{c}.{n}": p.detach().to("cpu", copy=True) for c, n, p in named_parameters(pipe)}  # off-GPU copy
+        declared = select(pipe, self.parameter_set) if self.parameter_set else {}
+        before = {k: p.detach().to("cpu", copy=True) for k, p in declared.items()}  # off-GPU copy
+        for _, _, p in named_parameters(pipe):  # every fit starts frozen: CPU kernels for a Linear on a
+            p.requires_grad_(False)             # non-contiguous input differ in the last bit with requires_grad
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -153,7 +167,7 @@ class ErasureMethod(ABC, Generic[C]):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            with count_unet_evaluations() as unet_evaluations:
+            with count_denoiser_evaluations() as unet_evaluations:
                 adapter = self._fit(pipe, request, generator, progress)
             seconds = time.perf_counter() - start
             if adapter is not None:
@@ -162,17 +176,19 @@ class ErasureMethod(ABC, Generic[C]):
                     raise FloatingPointError(f"{self.name}: the adapter's weights became non-finite; nothing was saved")
             changed = {}
             with torch.no_grad():
-                for c, n, p in named_parameters(pipe):
-                    key = f"{c}.{n}"
+                for key, p in declared.items():
                     if not torch.equal(p.detach().cpu(), before[key]):
                         if not torch.isfinite(p).all():
                             raise FloatingPointError(f"{self.name}: parameter {key} became non-finite; nothing was saved")
                         changed[key] = p.detach().cpu().clone()
         finally:
             with torch.no_grad():
-                for c, n, p in named_parameters(pipe):
-                    p.copy_(before[f"{c}.{n}"])
+                for key, p in declared.items():
+                    p.copy_(before[key])
+                for _, _, p in named_parameters(pipe):
                     p.requires_grad_(False)
+        _check_untouched(self.name, self.parameter_set, pipe, fingerprint)
+        fingerprint = {c: fingerprint[c] for c in touched_components(changed, adapter, pipe)}
         manifest = {
             "format": FORMAT,
             "method": self.name,
@@ -182,13 +198,14 @@ class ErasureMethod(ABC, Generic[C]):
             "request": asdict(request),
             "seed": seed,
             "base": {"reference": getattr(pipe, "efface_source", type(pipe).__name__), "sha256": digest,
-                     "family": model_family(pipe), "dtype": str(pipe.unet.dtype).removeprefix("torch.")},
+                     "family": family_of(pipe).name, "components": list(fingerprint),
+                     "dtype": str(family_of(pipe).denoiser(pipe).dtype).removeprefix("torch.")},
             "efface_version": _version(),
             "torch_version": torch.__version__,
             "platform": platform.platform(),
             "seconds": round(seconds, 3),
             "peak_memory_mb": _peak_memory_mb(),
-            "unet_evaluations": unet_evaluations.value,
+            "unet_evaluations": unet_evaluations.value,  # denoiser evaluations (UNet or transformer)
             "tensors_changed": len(changed),
             "parameters_changed": int(sum(v.numel() for v in changed.values())),
             "adapter": adapter.describe() if adapter is not None else None,
@@ -198,6 +215,15 @@ class ErasureMethod(ABC, Generic[C]):
                  manifest["parameters_changed"],
                  f", adapter {adapter.kind} ({manifest['adapter']['parameters']} parameters)" if adapter else "", seconds)
         return ErasedModel(changed, manifest, fingerprint, adapter)
+
+
+def _check_untouched(name: str, parameter_set: str | None, pipe, fingerprint: dict[str, torch.Tensor]) -> None:
+    """Raise if a parameter outside the method's set differs from the base (its fingerprint moved)."""
+    now = base_fingerprint(pipe)
+    moved = [c for c in fingerprint if not torch.equal(now[c], fingerprint[c])]
+    if moved:
+        raise RuntimeError(f"{name} changed parameters of {moved} outside its parameter set {parameter_set!r}: a bug "
+                           "in the method (the pipeline in memory is left modified; reload it)")
 
 
 def _version() -> str:
@@ -225,10 +251,13 @@ def register_method(name: str):
 
 
 def erase(pipe, method: str, concepts, *, anchor=None, preserve=(), seed: int = 0, progress: bool = True,
-          preset: str | None = None, **config) -> ErasedModel:
-    """Erase ``concepts`` from ``pipe`` with the registered ``method``; options go to its Config.
+          preset: str | Preset | None = None, **config) -> ErasedModel:
+    """Erase ``concepts`` from ``pipe`` with the registered ``method``; options go to its Config
+    (and injected inputs, e.g. MACE's ``segmenter`` / ``image_source``, to its constructor).
 
-    ``preset="toy"`` selects the method's CPU-sized schedule for toy-sd (default: the paper's).
+    ``preset``: the paper's defaults (None, ``"paper"``) or a :class:`~efface.config.Preset`; the
+    CPU-sized toy-sd schedules: ``preset=efface.toy.presets.method_preset(method)``, with
+    ``**method_inputs(method)`` (what ``efface erase --model toy`` hands in).
 
     >>> erased = erase(pipe, "uce", ["circle"], preserve=["square"], seed=0)   # doctest: +SKIP
     >>> erased.apply(pipe)                                                       # doctest: +SKIP

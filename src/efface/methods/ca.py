@@ -45,21 +45,40 @@ Differences from the official code, and why:
 * anchor latents are kept as sampled: the official code decodes them to JPEG files and re-encodes
   them with the VAE, with random crops, rescaling ("a far away", "zoomed in") and flips. That
   augmentation, and its loss mask, are left out.
+
+Model families (the official code is for SD 1.x; the loss is a plain denoising loss, written with
+the family's training target: ``eps`` above is whatever :func:`~efface.models.diffusion.add_noise`
+says the denoiser predicts):
+
+* ``sd`` (SD 1.x / 2.x): as above; on v-prediction checkpoints (SD 2.x 768) the model-based target
+  is the anchor's predicted v and the noise-based / regularisation target the true v;
+* ``sdxl``: the same loss; the target and anchor prompts carry both encoders' states and the pooled
+  embedding (:class:`~efface.models.families.Conditioning`). ``xattn_kv`` is the UNet's
+  cross-attention ``to_k`` / ``to_v``, so the pooled path (``add_embedding``) is not trained:
+  ``parameters="all"`` trains it too;
+* ``sd3`` / ``flux``: flow matching, ``x_t = (1 - s) x + s noise`` at ``s = t / 1000`` with ``t``
+  uniform (not SD3's logit-normal timestep density), the target the velocity ``noise - x`` (noise-
+  based) or the frozen model's anchor velocity (model-based). ``xattn_kv`` is what the text tokens
+  are projected to in the joint attention (:mod:`efface.models.families.flow`). Anchor images are
+  sampled with the flow-matching Euler sampler, which is deterministic: ``anchor_eta`` has no
+  effect there. On a guidance-distilled Flux (FLUX.1-dev) ``anchor_guidance`` is real CFG on top
+  of the distilled guidance; ``anchor_guidance=1`` samples as ``FluxPipeline`` does by default.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.methods.prompts import TOY_CONTEXTS, fill
-from efface.models.diffusion import ddim_scheduler, frozen_copy, random_index, sample_to, train_steps, trainable
+from efface.methods.prompts import fill
+from efface.models.diffusion import (add_noise, frozen_copy, num_train_timesteps, predict, random_index, sample_to,
+                                     train_steps, trainable)
+from efface.models.families import family_of
 from efface.models.text import encode, token_count
 
 log = logging.getLogger(__name__)
@@ -92,12 +111,6 @@ class CAConfig(MethodConfig):
     target_model: str = field(default="frozen", metadata={"help": "model-based target from the 'frozen' "
                                                                    "original or the 'current' model"})
 
-    # toy-sd on 2 CPU cores: about 1 min. Fewer, faster anchor samples; a larger step for a small model.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 400, "lr": 2e-3, "batch_size": 16, "num_anchor_images": 128, "anchor_steps": 20,
-                "templates": TOY_CONTEXTS},
-    }
-
     def __post_init__(self) -> None:
         self.check_choices(variant=("model", "noise"), concept_type=("object", "style"),
                            parameters=("xattn_kv", "all"), target_model=("frozen", "current"))
@@ -108,21 +121,35 @@ class CAConfig(MethodConfig):
 
 def prompt_pairs(concept: str, anchor: str, concept_type: str, tokenizer=None,
                  templates: tuple[str, ...] = OBJECT_TEMPLATES) -> list[tuple[str, str]]:
-    """(target prompt, anchor prompt) pairs for one concept; pairs the tokenizer would truncate are
-    dropped. Objects: each template filled with the concept and with the anchor ("a picture of a"
-    for the anchor ""); styles: the concept added to each anchor prompt (just "" for the anchor "")."""
+    """(target prompt, anchor prompt) pairs for one concept; pairs the tokenizer (or any of a list
+    of tokenizers: every one of the pipeline's) would truncate are dropped. Objects: each template
+    filled with the concept and with the anchor ("a picture of a" for the anchor ""); styles: the
+    concept added to each anchor prompt (just "" for the anchor "")."""
     if concept_type == "object":
         pairs = [(fill(t, concept), fill(t, anchor)) for t in templates]
     else:
         anchors = [fill(t, anchor) for t in templates] if anchor else [""]
         pairs = [(s.format(p=a, c=concept).strip(" ,"), a) for a in anchors for s in STYLE_TEMPLATES]
-    if tokenizer is not None:
-        limit = tokenizer.model_max_length
-        pairs = [(t, a) for t, a in pairs if max(token_count(tokenizer, t), token_count(tokenizer, a)) <= limit]
+    for tok in () if tokenizer is None else tokenizer if isinstance(tokenizer, (list, tuple)) else (tokenizer,):
+        limit = tok.model_max_length
+        pairs = [(t, a) for t, a in pairs if max(token_count(tok, t), token_count(tok, a)) <= limit]
     if not pairs:
         raise InputError(f"every prompt built from {concept!r} / {anchor!r} is too long for the tokenizer; "
                          "shorten them")
     return list(dict.fromkeys(pairs))
+
+
+def noised(pipe, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, target, t)``: :func:`~efface.models.diffusion.add_noise` at uniform timesteps ``t``
+    (one per row), with CA's order of draws: the noise first, then the timesteps (as efface's CA
+    has always drawn them, so that seeded runs reproduce). The noise is drawn by ``add_noise`` from
+    a fork of ``generator`` taken before the timesteps; ``generator`` skips the same draw."""
+    fork = torch.Generator(generator.device)
+    fork.set_state(generator.get_state())
+    torch.randn(x0.shape, generator=generator)  # the noise add_noise draws from the fork
+    t = random_index(num_train_timesteps(pipe), generator, len(x0)).to(x0.device)
+    x_t, target = add_noise(pipe, x0, t, fork)
+    return x_t, target, t
 
 
 @register_method("ca")
@@ -131,6 +158,8 @@ class ConceptAblation(ErasureMethod[CAConfig]):
 
     Config = CAConfig
     paper = "Ablating Concepts in Text-to-Image Diffusion Models (Kumari et al., ICCV 2023), arXiv 2303.13516"
+    named_anchor = True  # the paper always maps the target onto its category ("grumpy cat" -> "cat")
+    families = frozenset({"sd", "sdxl", "sd3", "flux"})  # a denoising loss on add_noise's target (module doc)
 
     @property
     def parameter_set(self) -> str:
@@ -139,11 +168,11 @@ class ConceptAblation(ErasureMethod[CAConfig]):
     @torch.no_grad()
     def anchor_latents(self, pipe, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         """Anchor images x (latents), one per prompt, sampled from the current (original) model."""
-        cfg = self.config
-        empty = encode(pipe, [""]).to(pipe.unet.device, pipe.unet.dtype)
+        cfg, den = self.config, family_of(pipe).denoiser(pipe)
+        empty = encode(pipe, [""]).to(den.device, den.dtype)
         out = []
         for start in range(0, len(prompts), ANCHOR_BATCH):
-            emb = encode(pipe, prompts[start : start + ANCHOR_BATCH]).to(pipe.unet.device, pipe.unet.dtype)
+            emb = encode(pipe, prompts[start : start + ANCHOR_BATCH]).to(den.device, den.dtype)
             out.append(sample_to(pipe, emb, empty, cfg.anchor_steps, cfg.anchor_steps, cfg.anchor_guidance,
                                  generator, eta=cfg.anchor_eta))
         return torch.cat(out)
@@ -152,42 +181,36 @@ class ConceptAblation(ErasureMethod[CAConfig]):
         cfg = self.config
         if request.preserve:
             log.info("ca: preserved concepts are not used (regularisation uses the anchor prompts)")
+        family = family_of(pipe)
+        tokenizers = [getattr(pipe, n) for n in family.tokenizers if getattr(pipe, n, None) is not None]
         pairs = [p for c, a in zip(request.concepts, request.anchors)
-                 for p in prompt_pairs(c, a, cfg.concept_type, pipe.tokenizer, cfg.templates)]
-        unet = pipe.unet
-        frozen = frozen_copy(unet) if cfg.variant == "model" and cfg.target_model == "frozen" else None
+                 for p in prompt_pairs(c, a, cfg.concept_type, tokenizers, cfg.templates)]
+        den = family.denoiser(pipe)
+        frozen = frozen_copy(den) if cfg.variant == "model" and cfg.target_model == "frozen" else None
         which = torch.arange(cfg.num_anchor_images) % len(pairs)  # the pair of each anchor image
         x0 = self.anchor_latents(pipe, [pairs[i][1] for i in which.tolist()], generator)
         with torch.no_grad():
-            targets = encode(pipe, [t for t, _ in pairs]).to(unet.device, unet.dtype)
-            anchors = encode(pipe, [a for _, a in pairs]).to(unet.device, unet.dtype)
-        scheduler = ddim_scheduler(pipe, 1)  # only its noise schedule: add_noise
-        steps = scheduler.config.num_train_timesteps
+            targets = encode(pipe, [t for t, _ in pairs]).to(den.device, den.dtype)
+            anchors = encode(pipe, [a for _, a in pairs]).to(den.device, den.dtype)
         params = trainable(pipe, self.parameter_set)
         n = cfg.batch_size
-
-        def noisy(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            x = x0[idx]
-            eps = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-            t = random_index(steps, generator, n).to(x.device)
-            return scheduler.add_noise(x, eps, t), eps, t
 
         def loss(_: int) -> torch.Tensor:
             idx = random_index(len(x0), generator, n)
             k = which[idx]
-            x_t, eps, t = noisy(idx)
-            pred = unet(x_t, t, encoder_hidden_states=targets[k]).sample
+            x_t, noise_target, t = noised(pipe, x0[idx], generator)
+            pred = predict(pipe, x_t, t, targets[k])
             if cfg.variant == "model":
-                with torch.no_grad():
-                    target = (frozen if frozen is not None else unet)(x_t, t, encoder_hidden_states=anchors[k]).sample
+                with torch.no_grad():  # frozen None: the current model's own, detached (official)
+                    target = predict(pipe, x_t, t, anchors[k], denoiser=frozen)
             else:
-                target = eps
+                target = noise_target
             value = F.mse_loss(pred.float(), target.float())
             if cfg.regularization_weight > 0:
                 idx = random_index(len(x0), generator, n)
-                x_t, eps, t = noisy(idx)
-                prior = unet(x_t, t, encoder_hidden_states=anchors[which[idx]]).sample
-                value = value + cfg.regularization_weight * F.mse_loss(prior.float(), eps.float())
+                x_t, noise_target, t = noised(pipe, x0[idx], generator)
+                prior = predict(pipe, x_t, t, anchors[which[idx]])
+                value = value + cfg.regularization_weight * F.mse_loss(prior.float(), noise_target.float())
             return value
 
         train_steps(loss, list(params.values()), cfg.iterations, lr=cfg.lr, name=self.name, progress=progress,

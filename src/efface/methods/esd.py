@@ -1,23 +1,31 @@
 """ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023, arXiv 2303.07345).
 
-The UNet is fine-tuned so that, on the erased concept ``c``, it predicts the frozen original model's
-*negatively guided* noise. Each iteration picks a concept, a DDIM step ``k`` uniformly in
-``[0, ddim_steps)`` and produces ``x_t`` by running the first ``k`` DDIM steps, conditioned on ``c``
-with classifier-free guidance ``start_guidance``, from the model being trained. With the frozen
-original model ``theta*`` and the negative guidance ``eta``::
+The denoiser (UNet or transformer) is fine-tuned so that, on the erased concept ``c``, it predicts
+the frozen original model's *negatively guided* output. Each iteration picks a concept, a sampling
+step ``k`` uniformly in ``[0, ddim_steps)`` and produces ``x_t`` by running the first ``k`` steps of
+the family's sampler (:func:`~efface.models.diffusion.sampler`: DDIM on UNets, flow-matching Euler
+on SD3 / Flux), conditioned on ``c`` with classifier-free guidance ``start_guidance``, from the
+model being trained. With the frozen original model ``theta*`` and the negative guidance ``eta``::
 
-    e_0 = eps_theta*(x_t, t, "")        e_p = eps_theta*(x_t, t, c)
-    loss = || eps_theta(x_t, t, c) - (e_0 - eta (e_p - e_0)) ||^2
+    e_0 = out_theta*(x_t, t, "")        e_p = out_theta*(x_t, t, c)
+    loss = || out_theta(x_t, t, c) - (e_0 - eta (e_p - e_0)) ||^2
 
-Four registrations differ only in the parameters trained (``efface.models.params``), as the
-official ``train_method`` values: ``esd-x`` every cross-attention parameter (``xattn``; the paper's
-choice for artistic styles), ``esd-x-strict`` only the cross-attention key / value projections
-(``xattn_kv``), ``esd-u`` everything but cross-attention, the time embedding and the output layer
-(``noxattn``; the paper's choice for objects and nudity), ``esd-all`` every UNet parameter (``all``).
-The sets follow the CompVis code (``xattn``, ``noxattn``, ``full``); the diffusers script selects
-only ``Linear`` / ``Conv2d`` modules, so its ``esd-u`` / ``esd-all`` leave normalisation layers out
-(and its ``esd-u`` trains the time embedding and input / output convolutions).
+``out`` is the family's model output (:func:`~efface.models.diffusion.predict`): the noise
+epsilon, v on v-prediction models (SD 2.x 768), the flow velocity on SD3 / Flux. For a fixed x_t
+each is affine in epsilon, so the target means the same on every family and is used unchanged.
 
+Four registrations differ only in the parameters trained, the family's named sets
+(:mod:`efface.models.params`; :mod:`efface.models.families.unet` / :mod:`~efface.models.families.flow`
+say what each selects): ``esd-x`` ``xattn``, ``esd-x-strict`` ``xattn_kv``, ``esd-u`` ``noxattn``,
+``esd-all`` ``all``. Per family:
+
+**SD 1.x / 2.x** (toy-sd included), as the official ``train_method`` values: ``esd-x`` every
+cross-attention parameter (the paper's choice for artistic styles), ``esd-x-strict`` only the
+cross-attention key / value projections, ``esd-u`` everything but cross-attention, the time
+embedding and the output layer (the paper's choice for objects and nudity), ``esd-all`` every UNet
+parameter. The sets follow the CompVis code (``xattn``, ``noxattn``, ``full``); the diffusers script
+selects only ``Linear`` / ``Conv2d`` modules, so its ``esd-u`` / ``esd-all`` leave normalisation
+layers out (and its ``esd-u`` trains the time embedding and input / output convolutions).
 Defaults are the paper's, as in its CompVis code (``train-scripts/train-esd.py`` in
 github.com/rohitgandikota/erasing before the diffusers rewrite): 1000 iterations, batch 1, Adam at
 lr 1e-5, ``negative_guidance`` 1.0, ``start_guidance`` 3.0, 50 DDIM steps (eta 0), x_t sampled
@@ -25,15 +33,58 @@ from the model being trained. The newer diffusers script (``esd_sd.py``) uses 20
 lr 5e-5, ``negative_guidance`` 2.0 and samples x_t with the frozen model: ``sample_with="frozen"``
 and the options reproduce it.
 
-Differences from the official code, and why:
+**SDXL**: the UNet as on SD, its cross-attention reading both CLIP encoders' states; ``noxattn``
+also leaves ``add_embedding`` (the pooled-text and time-id path) out with the time embedding, and
+``all`` includes it. The official ``esd_sdxl.py`` (same repository) trains the same modules for
+``esd-x`` / ``esd-x-strict`` (every ``attn2`` Linear; ``attn2.to_k`` / ``to_v``); its ``esd-u`` /
+``esd-all`` (which it calls experimental on SDXL) take only ``Linear`` / ``Conv2d`` inside the
+blocks, without any ``emb`` layer (resnets' ``time_emb_proj``, ``conv_in`` / ``conv_out`` and the
+norms stay), where efface trains the ``noxattn`` / ``all`` sets above. Its settings: 200 iterations,
+lr 2e-4 (1e-5 for esd-u / esd-all), x_t at guidance 2 with 50 steps, sampled by the frozen model,
+eta 1, batch 1, 1024 px, bf16: ``iterations=200, lr=2e-4, start_guidance=2, sample_with="frozen"``
+reproduce them (``ddim_steps`` 50 and ``negative_guidance`` 1 are the defaults). Differences: x_t is
+sampled with DDIM (eta 0) on the pipeline's noise schedule, not with the pipeline's Euler
+scheduler; the time ids are the native size (the UNet's latent size times the VAE factor: 1024 on
+SDXL base), as the script's.
 
-* the UNet is queried at x_t's own DDIM timestep (as ``esd_sd.py`` does); the CompVis code draws a
-  DDPM timestep uniformly in ``[1000 k / 50, 1000 (k + 1) / 50)``, which lies 40-60 timesteps above
-  the noise level its sampler actually stopped at;
+**SD3 / SD3.5**: no official ESD script. ``esd-x`` trains every parameter of each block's joint
+attention (``attn``: the image and text streams' projections and, on SD3.5, the q / k norms; not
+SD3.5's image-only ``attn2``), ``esd-x-strict`` the text stream's ``add_k_proj`` / ``add_v_proj``,
+``esd-u`` every transformer parameter outside the joint attention and the embedders / output layer,
+``esd-all`` every transformer parameter. A community script (``esd_sd35.py`` in the fork
+github.com/CookedMorsel/erasing) takes every ``Linear`` under ``.attn.`` for esd-x (the same
+projections) and every ``Linear`` / ``Conv2d`` outside it for esd-u (the embedders and output
+layer included); it samples x_t with the frozen model at guidance 7.5 and 28 steps, 200 iterations,
+lr 3e-5, eta 2, and queries e_0 with the *concept's* pooled embedding, where efface's e_0 is the
+empty prompt's, pooled part included. x_t here: flow-matching Euler with the pipeline's shift,
+classifier-free guidance against the empty prompt.
+
+**Flux**: ``esd-x`` trains every parameter of every attention module, double and single blocks
+(the community ESD-Flux script, ``esd_flux.py`` in forks of the official repository such as
+github.com/milosz7/erasing, trains every Linear named ``attn``: the same projections; efface also
+trains their q / k RMSNorm weights); ``esd-x-strict`` what the text is projected to (double blocks:
+``add_k_proj`` / ``add_v_proj``; single blocks: the shared ``to_k`` / ``to_v``), where ESD-Flux's
+takes ``attn.to_k`` / ``to_v`` everywhere, the image stream's in double blocks; ``esd-u`` /
+``esd-all`` are efface's sets (ESD-Flux has only esd-x and esd-x-strict). ESD-Flux's settings:
+FLUX.1-dev, 28 steps, 1400 iterations, lr 1e-4, eta 1, 512 px, x_t sampled by the model being
+trained at *distilled* guidance 3.5 without classifier-free guidance, the predictions at guidance
+embedding 1. efface on Flux samples x_t with *real* classifier-free guidance ``start_guidance``
+against the empty prompt (two transformer calls per step), and on checkpoints with a guidance
+embedding (FLUX.1-dev) every call (sampling, frozen and trained predictions) also gets the
+family's distilled guidance 3.5. ``iterations=1400, lr=1e-4, ddim_steps=28, start_guidance=1``
+is the nearest: x_t as ESD-Flux's (distilled guidance only); its predictions at guidance 1 and its
+512 px are not reproduced (x_t is at the VAE's native size, 1024 px on FLUX.1).
+
+Differences from the official code on every family, and why:
+
+* the denoiser is queried at x_t's own sampler timestep (as ``esd_sd.py`` and the SDXL / Flux scripts
+  do); the CompVis code draws a DDPM timestep uniformly in ``[1000 k / 50, 1000 (k + 1) / 50)``,
+  which lies 40-60 timesteps above the noise level its sampler actually stopped at;
 * every random draw (concept, step, x_T) comes from the seeded generator; the official code is
   unseeded;
 * an anchor other than "" replaces the empty prompt of e_0 (target ``e_a - eta (e_p - e_a)``);
-  the official code always uses "". Preserved concepts are not used: ESD has no preservation term;
+  the official code always uses "" (its ``--erase_from`` is another thing: the concept is erased
+  from that prompt). Preserved concepts are not used: ESD has no preservation term;
 * ``templates`` (default ``("{}",)``, the bare concept as the official code) can put the concept
   into prompt contexts, one drawn per iteration: ``c`` = ``"a red circle"``, and the anchor side
   the same context without it (``"a red"``, or with the anchor). Only the ``toy`` presets of
@@ -50,9 +101,10 @@ import torch
 import torch.nn.functional as F
 
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.methods.prompts import TOY_CONTEXTS, draw_row, filled
-from efface.models.diffusion import (ddim_scheduler, frozen_copy, initial_latents, predict_noise, random_index,
-                                     sample_to, train_steps, trainable)
+from efface.methods.prompts import draw_row, filled
+from efface.models.diffusion import (frozen_copy, initial_latents, predict, random_index, sample_to, sampler,
+                                     train_steps, trainable)
+from efface.models.families import Conditioning, family_of
 from efface.models.text import encode
 
 log = logging.getLogger(__name__)
@@ -63,24 +115,17 @@ class ESDConfig(MethodConfig):
     iterations: int = field(default=1000, metadata={"help": "optimisation steps, one concept each"})
     lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
     negative_guidance: float = field(default=1.0, metadata={"help": "negative guidance eta of the target"})
-    start_guidance: float = field(default=3.0, metadata={"help": "guidance scale used to sample x_t"})
-    ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the partial sampling of x_t"})
-    batch_size: int = field(default=1, metadata={"help": "x_t samples per iteration, sharing one DDIM step "
+    start_guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale used to sample x_t "
+                                                                  "(against the empty prompt; Flux: real CFG)"})
+    ddim_steps: int = field(default=50, metadata={"help": "steps of the partial sampling of x_t (DDIM on UNets, "
+                                                          "flow-matching Euler on SD3 / Flux)"})
+    batch_size: int = field(default=1, metadata={"help": "x_t samples per iteration, sharing one sampling step "
                                                           "(official: 1)"})
     sample_with: str = field(default="trained", metadata={"help": "model that samples x_t: 'trained' (paper, "
                                                                    "CompVis code) or 'frozen' (esd_sd.py)"})
     templates: tuple[str, ...] = field(default=("{}",), metadata={"help": "prompt templates, '{}' is the concept "
                                                                           "(or anchor); one drawn per iteration "
                                                                           "(official: the bare concept)"})
-
-    # toy-sd on 2 CPU cores: about 75 s each. A small model trained at lr 1e-3 needs a larger step
-    # than SD; a batch of 8 x_t per iteration averages the noisy single-sample gradient; negative
-    # guidance 3 (the strength lever: esd-u / esd-all then also erase the unseen synonyms). The
-    # bare concept for esd-u / esd-all (in context their other shapes drop to 0.64); esd-x and
-    # esd-x-strict have their own toy presets below.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 150, "lr": 1.5e-4, "batch_size": 8, "ddim_steps": 20, "negative_guidance": 3.0},
-    }
 
     def __post_init__(self) -> None:
         self.check_bounds(at_least_one=("iterations", "ddim_steps", "batch_size"), positive=("lr",))
@@ -100,6 +145,10 @@ class ESD(ErasureMethod[ESDConfig]):
     Config = ESDConfig
     paper = "Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023), arXiv 2303.07345"
     parameter_set: ClassVar[str] = "xattn"
+    # every family: the target is affine in the model output (epsilon, v or flow velocity); what each
+    # variant trains per family and how it differs from the official / community scripts: module docstring
+    families: ClassVar[frozenset[str]] = frozenset({"sd", "sdxl", "sd3", "flux"})
+    family_notes: ClassVar[dict[str, str]] = {}
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
         if request.preserve:
@@ -107,83 +156,68 @@ class ESD(ErasureMethod[ESDConfig]):
         self._train(pipe, request, generator, progress, self.config.iterations)
 
     def _train(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool, iterations: int,
-               perturb=None, frozen=None) -> None:
-        """``iterations`` ESD steps. ``perturb(c, x_t, t, x_T)``, if given, returns the conditioning
-        the trained model sees in the loss instead of ``c`` (RACE's adversarial embedding);
-        ``frozen``: the original model (default: a frozen copy of the UNet as it is now)."""
+               perturb=None, frozen=None) -> list[float]:
+        """``iterations`` ESD steps; returns the losses. ``perturb(c, x_t, t, x_T)``, if given,
+        returns the conditioning (a :class:`~efface.models.families.Conditioning`) the trained model
+        sees in the loss instead of ``c`` (RACE's adversarial embedding); ``frozen``: the original
+        denoiser (default: a frozen copy of the pipeline's denoiser as it is now)."""
         cfg = self.config
-        unet = pipe.unet
-        frozen = frozen if frozen is not None else frozen_copy(unet)  # theta*, the original model
-        sampler = unet if cfg.sample_with == "trained" else frozen
+        den = family_of(pipe).denoiser(pipe)  # the UNet or transformer being trained
+        frozen = frozen if frozen is not None else frozen_copy(den)  # theta*, the original model
+        sampling = den if cfg.sample_with == "trained" else frozen
         templates = cfg.templates
         with torch.no_grad():  # row k * len(templates) + j: concept k in template j
             concepts = encode(pipe, filled(templates, request.concepts))
             anchors = encode(pipe, filled(templates, request.anchors))
-            concepts, anchors = (e.to(unet.device, unet.dtype) for e in (concepts, anchors))
-            empty = encode(pipe, [""]).to(unet.device, unet.dtype)
-        timesteps = ddim_scheduler(pipe, cfg.ddim_steps).timesteps
+            concepts, anchors = (e.to(den.device, den.dtype) for e in (concepts, anchors))
+            empty = encode(pipe, [""]).to(den.device, den.dtype)
+        timesteps = sampler(pipe, cfg.ddim_steps).timesteps
         params = trainable(pipe, self.parameter_set)
         n = cfg.batch_size
 
         def loss(_: int) -> torch.Tensor:
             k = draw_row(len(request.concepts), len(templates), generator)
             step = random_index(cfg.ddim_steps, generator)
-            c = concepts[k : k + 1].expand(n, -1, -1)
-            a = anchors[k : k + 1].expand(n, -1, -1)
-            x_T = initial_latents(unet, n, generator)
-            x_t = sample_to(pipe, c, empty, step, cfg.ddim_steps, cfg.start_guidance, generator, x_T, unet=sampler)
+            c = concepts[k].expand(n)
+            a = anchors[k].expand(n)
+            x_T = initial_latents(pipe, n, generator)
+            x_t = sample_to(pipe, c, empty, step, cfg.ddim_steps, cfg.start_guidance, generator, x_T,
+                            denoiser=sampling)
             t = timesteps[step]
-            with torch.no_grad():
-                e_0, e_p = predict_noise(frozen, torch.cat([x_t, x_t]), t, torch.cat([a, c])).chunk(2)
+            with torch.no_grad():  # one batched call: the anchor's then the concept's output on the same x_t
+                e_0, e_p = predict(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([a, c]), denoiser=frozen).chunk(2)
             seen = c if perturb is None else perturb(c, x_t, t, x_T)
-            e_n = predict_noise(unet, x_t, t, seen)
+            e_n = predict(pipe, x_t, t, seen)
             return F.mse_loss(e_n.float(), esd_target(e_0, e_p, cfg.negative_guidance).float())
 
-        train_steps(loss, list(params.values()), iterations, lr=cfg.lr, name=self.name, progress=progress)
-
-
-@dataclass
-class ESDxConfig(ESDConfig):
-    # toy-sd: esd-x trains only what the prompt's tokens are projected to, and toy-sd reads a shape
-    # from every token after the shape word (docs/toy-world.md), so the concept is trained in the
-    # toy world's caption contexts ("a red circle", guided away from "a red"); the window between
-    # "circle stays" and "other shapes suffer" is narrow: lr 1e-4 leaves circle at 0.83, 1.25e-4
-    # erases it (0.13) with the others at 1.00, 2e-4 costs the others 27 points (docs/erasure.md).
-    PRESETS: ClassVar[dict[str, dict]] = {"toy": {**ESDConfig.PRESETS["toy"], "lr": 1.25e-4, "templates": TOY_CONTEXTS}}
-
-
-@dataclass
-class ESDxStrictConfig(ESDConfig):
-    # toy-sd: as esd-x, in the caption contexts; only K and V change, so a larger step (1.5e-4
-    # leaves circle at 1.00; 2.5e-4: 0.08 with the others at 0.98; 5e-4 costs the others 33 points)
-    PRESETS: ClassVar[dict[str, dict]] = {"toy": {**ESDConfig.PRESETS["toy"], "lr": 2.5e-4, "templates": TOY_CONTEXTS}}
+        return train_steps(loss, list(params.values()), iterations, lr=cfg.lr, name=self.name, progress=progress)
 
 
 @register_method("esd-x")
 class ESDx(ESD):
-    """ESD on every cross-attention parameter (official ``train_method='esd-x'`` / ``'xattn'``)."""
+    """ESD on every cross-attention parameter (SD3 / Flux: joint attention; official ``train_method='esd-x'`` /
+    ``'xattn'``)."""
 
-    Config = ESDxConfig
     parameter_set = "xattn"
 
 
 @register_method("esd-x-strict")
 class ESDxStrict(ESD):
-    """ESD on the cross-attention key / value projections only (official ``'esd-x-strict'``)."""
+    """ESD on the keys / values the text is projected to only (official ``'esd-x-strict'``)."""
 
-    Config = ESDxStrictConfig
     parameter_set = "xattn_kv"
 
 
 @register_method("esd-u")
 class ESDu(ESD):
-    """ESD on every UNet parameter but cross-attention, time embedding and output layer (``'noxattn'``)."""
+    """ESD on every denoiser parameter but cross-attention (joint attention on SD3 / Flux), the time /
+    pooled-text embedding and the output layer (``'noxattn'``)."""
 
     parameter_set = "noxattn"
 
 
 @register_method("esd-all")
 class ESDall(ESD):
-    """ESD on every UNet parameter (official ``'full'`` / ``'esd-all'``)."""
+    """ESD on every denoiser parameter (official ``'full'`` / ``'esd-all'``)."""
 
     parameter_set = "all"

@@ -33,9 +33,13 @@ from the original model with ``image_prompt`` ("a photo of the {}"), guidance 7.
 code then segments them with Grounded-SAM. Here the mask comes from ``segmenter``, a callable
 given to the constructor / ``erase()`` (``segmenter(images: list[PIL.Image], concept) -> N x H x W
 bool``, at any resolution), or by default from the sampling's own cross-attention maps of the
-concept tokens (where the map reaches ``mask_threshold`` of its maximum). ``"toy"`` (toy-sd only,
-shapes only) draws the images of the toy world (:func:`efface.toy.draw.draw`) and uses their exact
-shape masks: toy-sd's own training distribution, with the segmentation the toy world knows.
+concept tokens (where the map reaches ``mask_threshold`` of its maximum). ``"source"`` takes the
+images and their masks from ``image_source``, a callable given to the constructor / ``erase()``
+(``image_source(concept, n, generator) -> (images, masks)``: ``n`` uint8 N x H x W x 3 images at
+the model's resolution, or PIL images, and N x H x W bool masks; one that has a ``check(concepts)``
+method refuses the concepts it cannot give before any work). On toy-sd the toy world hands in its
+drawn images with their exact shape masks (``efface.toy.presets.method_inputs("mace")``):
+toy-sd's own training distribution, with the segmentation the toy world knows.
 
 Defaults are the official code's object configuration (github.com/Shilin-LU/MACE,
 ``configs/object/erase_ship.yaml``, the README's example): lamb 1e3 (automobile 1e2, bird 10;
@@ -61,21 +65,22 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
 
+from efface.config import Preset
 from efface.errors import InputError
+from efface.images import images_to_array
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.mace_attention import (AttentionLoss, MapRecorder, attention_processors, importance_weights,
                                            make_loras)
-from efface.methods.prompts import TOY_CONTEXTS, fill, word_end
+from efface.methods.prompts import fill, word_end
 from efface.methods.uce import uce_solve
-from efface.models.diffusion import add_noise, random_index, sample_to, train_steps
+from efface.models.diffusion import add_noise, num_train_timesteps, predict, random_index, sample_to, train_steps
+from efface.models.families import family_of
 from efface.models.params import named_parameters, select
 from efface.models.text import encode, token_count
 
@@ -94,6 +99,7 @@ OBJECT_TEMPLATES: tuple[str, ...] = (
     "Hand-drawn art of {}", "An oil portrait of {}",
 )
 Segmenter = Callable[[list, str], "np.ndarray | torch.Tensor"]
+ImageSource = Callable[[str, int, torch.Generator], tuple]  # (concept, n, generator) -> (images, masks)
 
 
 @dataclass
@@ -114,8 +120,8 @@ class MACEConfig(MethodConfig):
     use_pooler: bool = field(default=True, metadata={"help": "also suppress the end-of-text tokens' attention"})
     use_mask: bool = field(default=True, metadata={"help": "loss inside the concept's mask (off: every pixel, "
                                                            "as for artistic styles)"})
-    data: str = field(default="generate", metadata={"help": "'generate' images with the model, or draw the "
-                                                            "'toy' world's (toy-sd shapes; exact masks)"})
+    data: str = field(default="generate", metadata={"help": "'generate' images with the model, or take them "
+                                                            "and their masks from the injected image 'source'"})
     num_images: int = field(default=8, metadata={"help": "images per concept"})
     image_prompt: str = field(default="a photo of the {}", metadata={"help": "prompt of generated images"})
     image_steps: int = field(default=30, metadata={"help": "DDIM steps of generated images"})
@@ -124,18 +130,8 @@ class MACEConfig(MethodConfig):
                                                                  "maximum (not official: Grounded-SAM)"})
     solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for the closed forms"})
 
-    # toy-sd, 2 CPU cores: about 40 s per concept (bench/erasure_smoke.py: circle 0.17, others 1.00;
-    # five shapes at once in 3.5 min). The toy world's drawn images with their exact shape masks;
-    # toy-sd's keys are 64-d (norm ~10): SD's lamb 1e3 leaves circle at 0.96, lamb 1 erases; a
-    # larger LoRA step for the small model; the other shapes preserved in both closed forms
-    # (without: circle 0.38, others 0.93). docs/erasure.md, "MACE on toy-sd".
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"templates": TOY_CONTEXTS, "data": "toy", "num_images": 32, "lr": 1e-3, "iterations": 100,
-                "batch_size": 4, "lamb": 1.0, "train_preserve_scale": 1.0, "fuse_preserve_scale": 1.0},
-    }
-
     def __post_init__(self) -> None:
-        self.check_choices(data=("generate", "toy"), solve_dtype=("float32", "float64"))
+        self.check_choices(data=("generate", "source"), solve_dtype=("float32", "float64"))
         self.check_templates("templates")
         if self.image_prompt.count("{}") != 1:
             raise InputError("image_prompt needs exactly one '{}' for the concept")
@@ -197,31 +193,48 @@ def fuse(w_refined: torch.Tensor, keys: list[torch.Tensor], values: list[torch.T
 class MACE(ErasureMethod[MACEConfig]):
     """MACE: CFR of cross-attention K/V, one LoRA per concept, closed-form fusion (arXiv 2403.06135).
 
-    ``MACE(segmenter=fn)`` (or ``erase(..., segmenter=fn)``) segments generated images with ``fn``.
+    ``MACE(segmenter=fn)`` (or ``erase(..., segmenter=fn)``) segments generated images with ``fn``;
+    ``MACE(data="source", image_source=fn)`` takes the images and masks from ``fn`` instead.
     """
 
     Config = MACEConfig
     paper = "MACE: Mass Concept Erasure in Diffusion Models (Lu et al., CVPR 2024), arXiv 2403.06135"
     parameter_set = "xattn_kv"
     preserves = True
+    family_notes = {
+        "sdxl": "not ported to SDXL yet: the closed forms and LoRAs would edit the cross-attention to_k / to_v, "
+                "but SDXL's pooled text embedding (add_embedding) would still carry the concept unedited, and "
+                "the co-occurring-token alignment of the CFR reads one CLIP tokenizer (the official code is "
+                "SD 1.x only); not verified on SDXL",
+        "sd3": "MACE's attention-map LoRAs and mask loss are written for UNet cross-attention (text keys only); "
+               "SD3's joint attention mixes image and text tokens in one softmax: the joint-attention form is "
+               "issue 15's",
+        "flux": "MACE's attention-map LoRAs and mask loss are written for UNet cross-attention (text keys only); "
+                "Flux's joint attention mixes image and text tokens in one softmax: the joint-attention form is "
+                "issue 15's",
+    }
 
-    def __init__(self, config: MACEConfig | None = None, *, preset: str | None = None,
-                 segmenter: Segmenter | None = None, **overrides):
+    def __init__(self, config: MACEConfig | None = None, *, preset: str | Preset | None = None,
+                 segmenter: Segmenter | None = None, image_source: ImageSource | None = None, **overrides):
         super().__init__(config, preset=preset, **overrides)
         self.segmenter = segmenter
+        self.image_source = image_source
 
     def check(self, pipe, request: ErasureRequest) -> None:
         super().check(pipe, request)
         cfg = self.config
-        if cfg.data == "toy":
-            from efface.toy.world import SHAPES
-
-            wrong = [c for c in request.concepts if c not in SHAPES]
-            if wrong:
-                raise InputError(f"data='toy' draws toy shapes only, not {wrong}; use data='generate'")
+        if cfg.data == "source":
+            if self.image_source is None:
+                raise InputError("data='source' needs an image source: MACE(image_source=fn) or erase(..., "
+                                 "image_source=fn), fn(concept, n, generator) -> (images, masks) (on toy-sd: "
+                                 "**efface.toy.presets.method_inputs('mace'); efface erase --model toy hands it in); "
+                                 "or use data='generate'")
+            if callable(getattr(self.image_source, "check", None)):
+                self.image_source.check(request.concepts)
         prompts = [fill(t, w) for t in (*cfg.templates, cfg.image_prompt)
                    for w in (*request.concepts, *request.anchors, *request.preserve)]
-        if max(token_count(pipe.tokenizer, p) for p in prompts) > pipe.tokenizer.model_max_length:
+        tok = family_of(pipe).tokenizer(pipe)
+        if max(token_count(tok, p) for p in prompts) > tok.model_max_length:
             raise InputError("a template filled with a concept is longer than the tokenizer keeps; "
                              "shorten the templates or the concept")
 
@@ -239,7 +252,7 @@ class MACE(ErasureMethod[MACEConfig]):
         deltas = [self.train_lora(pipe, c, x0, masks, generator, progress)
                   for c, (x0, masks) in zip(request.concepts, data)]
         with torch.no_grad():
-            prompts = [encode(pipe, [fill(t, c) for t in cfg.templates]).double() for c in request.concepts]
+            prompts = [encode(pipe, [fill(t, c) for t in cfg.templates]).embeds.double() for c in request.concepts]
             p_keys = preserve.reshape(-1, preserve.shape[-1]) if preserve is not None else torch.zeros(0)
             for key, param in weights.items():
                 w = refined[key].double()
@@ -255,18 +268,18 @@ class MACE(ErasureMethod[MACEConfig]):
         if not request.preserve:
             return None
         with torch.no_grad():
-            return encode(pipe, [fill(t, p) for p in request.preserve for t in self.config.templates]).double()
+            return encode(pipe, [fill(t, p) for p in request.preserve for t in self.config.templates]).embeds.double()
 
     @torch.no_grad()
     def refine(self, pipe, request: ErasureRequest, preserve: torch.Tensor | None, dtype: torch.dtype) -> None:
         """Stage 1, CFR: the co-occurring words' keys onto the anchor prompts' values, in place."""
-        cfg, tok = self.config, pipe.tokenizer
+        cfg, tok = self.config, family_of(pipe).tokenizer(pipe)
         old, new, rows = [], [], []
         for c, a in zip(request.concepts, request.anchors):
             for t in cfg.templates:
                 old.append(fill(t, c)), new.append(fill(t, a))
                 rows.append(cooccurring_indices(tok, old[-1], new[-1]))
-        e_old, e_new = encode(pipe, old).double(), encode(pipe, new).double()
+        e_old, e_new = encode(pipe, old).embeds.double(), encode(pipe, new).embeds.double()
         keys = torch.cat([e_old[i, r] for i, (r, _) in enumerate(rows)])
         sources = torch.cat([e_new[i, r] for i, (_, r) in enumerate(rows)])
         p_keys = [preserve.reshape(-1, preserve.shape[-1])] if preserve is not None else []
@@ -280,17 +293,17 @@ class MACE(ErasureMethod[MACEConfig]):
     def images(self, pipe, concept: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``num_images`` latents x_0 of ``concept`` and their masks (N x 1 x H x W, or None)."""
         cfg = self.config
-        if cfg.data == "toy":
-            return self._drawn(pipe, concept, generator)
-        unet, tok = pipe.unet, pipe.tokenizer
+        if cfg.data == "source":
+            return self._sourced(pipe, concept, generator)
+        family = family_of(pipe)
+        unet, tok = family.denoiser(pipe), family.tokenizer(pipe)
         prompt = fill(cfg.image_prompt, concept)
         cond = encode(pipe, [prompt] * cfg.num_images).to(unet.device, unet.dtype)
         empty = encode(pipe, [""]).to(unet.device, unet.dtype)
         pos = concept_positions(tok, cfg.image_prompt, concept, use_pooler=False).expand(cfg.num_images, -1)
-        size = unet.config.sample_size
-        hw = (size, size) if isinstance(size, int) else tuple(size)
+        hw = tuple(family.latent_shape(pipe)[1:])
         recorder = MapRecorder(pos, hw)
-        with attention_processors(unet, recorder=recorder):
+        with attention_processors(pipe, recorder=recorder):
             x0 = sample_to(pipe, cond, empty, cfg.image_steps, cfg.image_steps, cfg.image_guidance, generator)
         if not cfg.use_mask:
             return x0, None
@@ -312,29 +325,36 @@ class MACE(ErasureMethod[MACEConfig]):
                              f"H x W mask per image ({len(x0)} x H x W)")
         return masks.bool()[:, None]
 
-    def _drawn(self, pipe, concept: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from efface.toy.draw import draw
-        from efface.toy.world import COLOURS, STYLES, Scene
-
-        rng = random.Random(random_index(2**31, generator))
-        scenes = [Scene(concept, rng.choice(COLOURS), rng.choice(STYLES)) for _ in range(self.config.num_images)]
-        drawn = [draw(scene, rng) for scene in scenes]
-        vae = pipe.vae
-        x = torch.from_numpy(np.stack([im for im, _ in drawn])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        latents = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
-        masks = torch.from_numpy(np.stack([m for _, m in drawn]))[:, None]
-        return latents.to(pipe.unet.device, pipe.unet.dtype), masks if self.config.use_mask else None
+    def _sourced(self, pipe, concept: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``num_images`` latents x_0 and masks from the injected ``image_source``."""
+        n = self.config.num_images
+        log.info("mace: images and masks of %r from the injected image source %r (not recorded in the manifest)",
+                 concept, getattr(self.image_source, "__name__", type(self.image_source).__name__))
+        images, masks = self.image_source(concept, n, generator)
+        images = images_to_array(images) if isinstance(images, (list, tuple)) else np.asarray(images)
+        masks = torch.as_tensor(np.asarray(masks)).bool()
+        if images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise InputError(f"the image source returned images of shape {images.shape} ({images.dtype}); it "
+                             f"must return {n} uint8 H x W x 3 images (or PIL images)")
+        if tuple(masks.shape) != images.shape[:3]:
+            raise InputError(f"the image source returned masks of shape {tuple(masks.shape)}; it must return one "
+                             f"H x W mask per image ({images.shape[0]} x {images.shape[1]} x {images.shape[2]})")
+        family = family_of(pipe)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents, unet = family.encode_images(pipe, x, generator), family.denoiser(pipe)
+        return latents.to(unet.device, unet.dtype), masks[:, None] if self.config.use_mask else None
 
     def train_lora(self, pipe, concept: str, x0: torch.Tensor, masks: torch.Tensor | None,
                    generator: torch.Generator, progress: bool) -> dict[str, torch.Tensor]:
         """Stage 2: one LoRA for ``concept`` on the refined model; returns Delta W per parameter key."""
-        cfg, unet, tok = self.config, pipe.unet, pipe.tokenizer
+        family = family_of(pipe)
+        cfg, unet, tok = self.config, family.denoiser(pipe), family.tokenizer(pipe)
         with torch.no_grad():
             emb = encode(pipe, [fill(t, concept) for t in cfg.templates]).to(unet.device, unet.dtype)
         positions = torch.stack([concept_positions(tok, t, concept, cfg.use_pooler) for t in cfg.templates])
-        loras = make_loras(unet, cfg.rank, generator)
+        loras = make_loras(pipe, cfg.rank, generator)
         params = [p for pair in loras.values() for lora in pair for p in lora.parameters()]
-        steps = pipe.scheduler.config.num_train_timesteps
+        steps = num_train_timesteps(pipe)
         p_t = importance_weights(steps) if cfg.importance_sampling else torch.full((steps,), 1.0 / steps)
         loss_fn, n = AttentionLoss(), cfg.batch_size
 
@@ -344,15 +364,14 @@ class MACE(ErasureMethod[MACEConfig]):
             t = torch.multinomial(p_t, n, replacement=True, generator=generator)
             x_t, _ = add_noise(pipe, x0[idx], t, generator)
             loss_fn.set(positions[k], masks[idx] if masks is not None else None, tuple(x0.shape[-2:]))
-            unet(x_t, t.to(unet.device), encoder_hidden_states=emb[k])
+            predict(pipe, x_t, t.to(unet.device), emb[k])  # the loss is read from the attention probabilities
             return loss_fn.value()
 
-        with attention_processors(unet, loras, loss_fn):
+        with attention_processors(pipe, loras, loss_fn):
             train_steps(loss, params, cfg.iterations, lr=cfg.lr, name=f"{self.name} ({concept})", progress=progress,
                         optimizer="adamw", weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
         out = {}
-        for key in select(pipe, self.parameter_set):
-            module, _, rest = key.removeprefix("unet.").rpartition(".attn2.")
-            k_or_v = loras[f"{module}.attn2"][0 if rest.startswith("to_k") else 1]
-            out[key] = k_or_v.delta()
+        for key in select(pipe, self.parameter_set):  # "<denoiser>.<attention module>.to_k|to_v.<weight>"
+            module, projection, _ = key.partition(".")[2].rsplit(".", 2)
+            out[key] = loras[module][0 if projection == "to_k" else 1].delta()
         return out

@@ -1,10 +1,12 @@
 """Cross-attention pieces of MACE (:mod:`efface.methods.mace`): rank-r LoRAs on ``attn2.to_k`` /
 ``attn2.to_v``, the attention-map loss, masks from cross-attention maps, timestep importance sampling.
 
-Everything attaches to a UNet through :func:`attention_processors`, a context manager that swaps
-the processor of every cross-attention module (``...attn2``) for :class:`MaceProcessor` and puts
-the original processors back on exit. The processor is a plain callable (not an ``nn.Module``), so
-the LoRA parameters never become parameters of the UNet.
+Everything attaches to a pipeline's UNet (through the family seam) with :func:`attention_processors`,
+a context manager that swaps the processor of every cross-attention module (SD: ``...attn2``; found
+by :func:`efface.models.params.cross_attention_modules`) for :class:`MaceProcessor` and puts the
+original processors back on exit. The processor is a plain callable (not an ``nn.Module``), so the
+LoRA parameters never become parameters of the UNet. :class:`MaceProcessor` is the computation of
+a UNet cross-attention (text keys only); the joint attention of SD3 / Flux is not covered.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from efface.models.families import family_of
+from efface.models.params import cross_attention_modules
 
 
 class LoRA(torch.nn.Module):
@@ -150,16 +155,17 @@ class MaceProcessor:
 
 
 @contextmanager
-def attention_processors(unet, loras: dict[str, tuple[LoRA, LoRA]] | None = None, recorder=None) -> Iterator[None]:
-    """Within the block every cross-attention module (``...attn2``) of ``unet`` runs
+def attention_processors(pipe, loras: dict[str, tuple[LoRA, LoRA]] | None = None, recorder=None) -> Iterator[None]:
+    """Within the block every cross-attention module (SD: ``...attn2``) of ``pipe``'s UNet runs
     :class:`MaceProcessor` with its LoRA pair from ``loras`` (keyed by module name) and
     ``recorder``; the original processors are restored on exit."""
+    unet, cross = family_of(pipe).denoiser(pipe), cross_attention_modules(pipe)
     original = dict(unet.attn_processors)
     loras = loras or {}
     chosen = {}
     for key, proc in original.items():
         name = key.removesuffix(".processor")
-        if name.endswith("attn2"):
+        if name in cross:
             k, v = loras.get(name, (None, None))
             chosen[key] = MaceProcessor(name, k, v, recorder)
         else:
@@ -171,13 +177,14 @@ def attention_processors(unet, loras: dict[str, tuple[LoRA, LoRA]] | None = None
         unet.set_attn_processor(original)
 
 
-def make_loras(unet, rank: int, generator: torch.Generator) -> dict[str, tuple[LoRA, LoRA]]:
-    """A (to_k, to_v) LoRA pair for every cross-attention module, on the UNet's device, float32."""
+def make_loras(pipe, rank: int, generator: torch.Generator) -> dict[str, tuple[LoRA, LoRA]]:
+    """A (to_k, to_v) LoRA pair for every cross-attention module of ``pipe``'s UNet (in module
+    order), on its device, float32."""
+    device = family_of(pipe).denoiser(pipe).device
     out = {}
-    for name, module in unet.named_modules():
-        if name.endswith("attn2"):
-            pair = tuple(LoRA(lin.in_features, lin.out_features, rank, generator) for lin in (module.to_k, module.to_v))
-            out[name] = tuple(lora.to(unet.device) for lora in pair)
+    for name, module in cross_attention_modules(pipe).items():
+        pair = tuple(LoRA(lin.in_features, lin.out_features, rank, generator) for lin in (module.to_k, module.to_v))
+        out[name] = tuple(lora.to(device) for lora in pair)
     return out
 
 

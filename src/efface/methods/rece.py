@@ -1,7 +1,8 @@
 """RECE: Reliable and Efficient Concept Erasure (Gong et al., ECCV 2024, arXiv 2407.12383).
 
 RECE starts from a UCE edit (:mod:`efface.methods.uce`) of every cross-attention key and value
-projection, then alternates two closed forms for ``epochs`` rounds:
+projection (parameter set ``text_input``, on UNets exactly the cross-attention ``to_k`` /
+``to_v``), then alternates two closed forms for ``epochs`` rounds:
 
 1. **Derive** the embedding ``c'`` that still regenerates the erased concept ``c``: under the
    *current* (edited) projections ``W_l`` it reproduces the *original* model's keys and values
@@ -52,6 +53,16 @@ Differences from the official code, and why:
 * ``guide_values="original"`` (not official) computes ``v*`` with the original weights instead of
   the current ones.
 
+Families: **sd** (SD 1.x / 2.x) and **sdxl**, the same closed forms over every cross-attention
+``to_k`` / ``to_v`` (on SDXL they read the concatenated CLIP-L / bigG states, so ``c'`` is a
+2048-d sequence; the pooled path stays unedited, as in UCE on SDXL). The official code is SD 1.4
+only. **sd3** and **flux** are refused (``family_notes``): there the text enters through one
+sequence map, ``context_embedder``, whose input is at least as wide as its output (4096 to 3072
+on FLUX.1, to 1536 on SD3 medium), so after any edit an embedding with exactly the original
+outputs exists: the derivation constrains nothing and the rounds would not converge (on UNets
+the K / V layers together have many more outputs than inputs, which is what makes ``c'`` a
+finding). The prompts are encoded once, in batches.
+
 >>> erased = erase(pipe, "rece", ["nudity"], epochs=3, regular_scale=0.1)    # doctest: +SKIP
 >>> erased = erase(pipe, "rece", ["Kelly McKernan"], anchor="art", epochs=1, regular_scale=1e-3)  # doctest: +SKIP
 """
@@ -61,15 +72,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.methods.prompts import TOY_CONTEXTS
-from efface.methods.uce import OBJECT_TEMPLATES, UCE
-from efface.models.params import select
+from efface.methods.uce import ENCODE_BATCH, OBJECT_TEMPLATES, UCE, SiteKeys
+from efface.models.families import family_of
+from efface.models.params import get_parameter
 from efface.models.text import encode
 
 log = logging.getLogger(__name__)
@@ -98,14 +108,6 @@ class RECEConfig(MethodConfig):
     uce_guide_context: str = field(default="bare", metadata={"help": "initial UCE edit: expanded prompts map to "
                                                                       "the 'bare' guide or the guide in 'template'"})
     solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for every solve"})
-
-    # toy-sd: the initial UCE edit as efface uce's toy preset (the toy world's contexts), and guide
-    # values from the original weights: with the official "current" ones, each round brings the
-    # circle back on toy-sd (docs/erasure.md, "RECE on toy-sd").
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"uce_expand_prompts": True, "uce_templates": TOY_CONTEXTS, "uce_guide_context": "template",
-                "guide_values": "original"},
-    }
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -143,9 +145,20 @@ def adversarial_embedding(weights: Sequence[torch.Tensor], targets: Sequence[tor
     return torch.linalg.solve(gram, rhs, left=False)  # rhs @ gram^-1 (gram is symmetric)
 
 
+@torch.no_grad()
 def prompt_embeddings(pipe, prompts: list[str]) -> list[torch.Tensor]:
-    """Per prompt, its (T x d) text embedding over the whole padded sequence, as RECE uses it."""
-    return list(encode(pipe, prompts).float()) if prompts else []
+    """Per prompt, its (T x d) token sequence over the whole padded length, as RECE uses it (the
+    text encoders run once per :data:`~efface.methods.uce.ENCODE_BATCH` prompts)."""
+    out: list[torch.Tensor] = []
+    for b in range(0, len(prompts), ENCODE_BATCH):
+        out.extend(encode(pipe, prompts[b : b + ENCODE_BATCH]).embeds.float())
+    return out
+
+
+def sequence_sites(pipe) -> list[str]:
+    """The parameter keys of the family's edit sites that read the token sequence (UNets: every
+    cross-attention to_k / to_v weight)."""
+    return [s.key for s in family_of(pipe).edit_sites(pipe) if s.reads == "sequence"]
 
 
 @register_method("rece")
@@ -154,7 +167,15 @@ class RECE(ErasureMethod[RECEConfig]):
 
     Config = RECEConfig
     paper = "Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models (Gong et al., ECCV 2024), arXiv 2407.12383"
-    parameter_set = "xattn_kv"
+    families = frozenset({"sd", "sdxl"})
+    family_notes = {
+        f: "RECE's derivation needs many projections reading one embedding (UNets: every cross-attention "
+           f"K / V); {f}'s text enters through one map at least as wide in as out (context_embedder), so an "
+           "embedding with the original outputs exists exactly after any edit and the rounds cannot converge "
+           "(the official code is SD 1.4 only); use uce"
+        for f in ("sd3", "flux")
+    }
+    parameter_set = "text_input"
     preserves = True
 
     def _editor(self, *, erase_scale: float, preserve_scale: float, lamb: float, tokens: str = "last",
@@ -166,28 +187,27 @@ class RECE(ErasureMethod[RECEConfig]):
         """For each concept embedding (T x d), the embedding c' that makes the current K/V
         projections of ``pipe`` give the ``originals``' outputs for it (one joint solve)."""
         dtype = getattr(torch, self.config.solve_dtype)
-        weights = select(pipe, self.parameter_set)
-        keys = list(weights)
-        device = weights[keys[0]].device
+        keys = sequence_sites(pipe)
+        weights = [get_parameter(pipe, k).detach() for k in keys]
+        device = weights[0].device
         c = torch.cat(concepts).to(device, dtype)  # rows are independent: all concepts in one solve
         targets = [c @ originals[k].to(device, dtype).T for k in keys]
-        derived = adversarial_embedding([weights[k].detach() for k in keys], targets, self.config.regular_scale,
-                                        dtype=dtype)
+        derived = adversarial_embedding(weights, targets, self.config.regular_scale, dtype=dtype)
         return list(derived.split([len(e) for e in concepts]))
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
         cfg = self.config
-        originals = {k: p.detach().clone() for k, p in select(pipe, self.parameter_set).items()}
+        originals = {k: get_parameter(pipe, k).detach().clone() for k in sequence_sites(pipe)}
         uce = self._editor(erase_scale=cfg.uce_erase_scale, preserve_scale=cfg.uce_preserve_scale, lamb=cfg.uce_lamb,
                            tokens=cfg.uce_tokens, expand_prompts=cfg.uce_expand_prompts,
                            templates=cfg.uce_templates, guide_context=cfg.uce_guide_context)
-        uce.edit(pipe, *uce.keys(pipe, request))
+        uce.edit(pipe, uce.keys(pipe, request))
         editor = self._editor(erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale, lamb=cfg.lamb)
-        concepts = prompt_embeddings(pipe, list(request.concepts))
-        guides = prompt_embeddings(pipe, list(request.anchors))
-        preserve = prompt_embeddings(pipe, ["", *request.preserve])
+        n = len(request.concepts)
+        embeddings = prompt_embeddings(pipe, [*request.concepts, *request.anchors, "", *request.preserve])
+        concepts, guide, preserve = embeddings[:n], torch.cat(embeddings[n : 2 * n]), torch.cat(embeddings[2 * n :])
         for epoch in range(cfg.epochs):
-            derived = self.derive(pipe, concepts, originals)
-            editor.edit(pipe, derived, guides, preserve,
+            derived = torch.cat(self.derive(pipe, concepts, originals))  # float64 (solve_dtype)
+            editor.edit(pipe, {"sequence": SiteKeys(derived, guide, preserve)},
                         originals=originals if cfg.guide_values == "original" else None)
             log.info("rece: epoch %d/%d done", epoch + 1, cfg.epochs)

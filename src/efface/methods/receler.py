@@ -60,6 +60,14 @@ Differences from the official code, and why:
 * an anchor other than "" replaces the empty prompt of e_0 (as ESD here); ``templates`` can put the
   concept into prompt contexts (official: the bare concept; the toy preset uses toy-sd's captions).
   Preserved concepts are not used: Receler has no preservation term.
+
+Model families: ``sd`` (the official code's SD 1.x) and ``sdxl``, both through the family seam (the
+erasers follow every cross-attention module the family names; checked on the tiny SDXL pipeline of
+the tests, not on a real SDXL). On SDXL the soft tokens replace positions of the token sequence
+(both encoders' states) while the pooled embedding, which reaches the UNet through
+``add_embedding`` around the erasers, stays the clean prompt's; and its cross-attention maps at 1024
+px are 64 and 32 wide, so the default ``mask_resolution`` 16 is refused: 32 is SD's 16 relative to
+the latent. SD3 and Flux are refused (``ReceLer.family_notes``).
 """
 
 from __future__ import annotations
@@ -75,11 +83,11 @@ import torch.nn.functional as F
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.esd import esd_target
-from efface.methods.prompts import TOY_CONTEXTS, draw_row, fill, filled, word_end
+from efface.methods.prompts import draw_row, fill, filled, word_end
 from efface.models.adapters import Adapter, Installed, register_adapter, wrap_attention_processors
-from efface.models.diffusion import (ddim_scheduler, initial_latents, predict_noise, random_index, sample_to,
-                                     train_steps)
-from efface.models.params import named_parameters
+from efface.models.diffusion import initial_latents, predict, random_index, sample_to, sampler, train_steps
+from efface.models.families import Conditioning, family_of
+from efface.models.params import cross_attention_modules, named_parameters
 from efface.models.text import encode
 
 log = logging.getLogger(__name__)
@@ -109,18 +117,6 @@ class ReceLerConfig(MethodConfig):
     templates: tuple[str, ...] = field(default=("{}",), metadata={"help": "prompt templates, '{}' is the concept "
                                                                           "(or anchor); one drawn per iteration "
                                                                           "(official: the bare concept)"})
-
-    # toy-sd: about 130 s single-threaded. 60 iterations of batch 8 at lr 2e-3 (toy-sd's erasers
-    # are tiny; the ESD toy schedule's 20 DDIM steps and negative guidance 3), rank 32, masks from
-    # the 8x8 maps (toy latents are 8x8: SD's 16x16 maps are its 64x64 latents / 4), 2 attack
-    # steps on 4 soft tokens, the concept in toy-sd's caption contexts (the bare word erases every
-    # shape: others 0.725). bench/erasure_smoke.py: circle 0.00, held-out 0.00, others 0.96; lr
-    # 1e-3: 40 iterations leave circle at 0.79, 60 -> 0.04, 80 -> 0.00 (24 prompts per split).
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 60, "lr": 2e-3, "batch_size": 8, "ddim_steps": 20, "negative_guidance": 3.0,
-                "rank": 32, "mask_resolution": 8, "adversarial_steps": 2, "adversarial_tokens": 4,
-                "templates": TOY_CONTEXTS},
-    }
 
     def __post_init__(self) -> None:
         self.check_bounds(at_least_one=("iterations", "ddim_steps", "batch_size", "rank", "adversarial_tokens",
@@ -176,17 +172,19 @@ class ReceLerErasers(Adapter):
         self.maps: dict[str, torch.Tensor] = {}  # key -> (B, N) concept attention probabilities
 
     @classmethod
-    def for_unet(cls, unet, rank: int) -> ReceLerErasers:
-        keys = [k for k in unet.attn_processors if k.endswith("attn2.processor")]
-        if not keys:
+    def for_pipe(cls, pipe, rank: int) -> ReceLerErasers:
+        """Erasers of width ``rank`` after every cross-attention module of ``pipe``'s UNet (SD: ``attn2``)."""
+        cross = cross_attention_modules(pipe)
+        if not cross:
             raise InputError("this UNet has no cross-attention (attn2) layer to put erasers after")
-        return cls({k: _attention(unet, k).to_out[0].out_features for k in keys}, rank)
+        return cls({f"{name}.processor": m.to_out[0].out_features for name, m in cross.items()}, rank)
 
     def spec(self) -> dict[str, Any]:
         return {"dims": self.dims, "rank": self.rank}
 
     def _attach(self, pipe, handle: Installed) -> None:
-        modules = {k: _attention(pipe.unet, k) for k in self.dims}
+        unet = family_of(pipe).denoiser(pipe)
+        modules = {k: _attention(unet, k) for k in self.dims}
 
         def after(key, out, hidden, context):
             if self.tokens is not None:
@@ -198,7 +196,7 @@ class ReceLerErasers(Adapter):
                 self.outputs[key] = e
             return out + e
 
-        wrapped = wrap_attention_processors(pipe.unet, handle, lambda k: k in self.dims, after)
+        wrapped = wrap_attention_processors(unet, handle, lambda k: k in self.dims, after)
         if len(wrapped) != len(self.dims):
             raise InputError("these erasers were made for another UNet: its cross-attention layers differ")
         handle.on_remove(self._reset)
@@ -261,17 +259,17 @@ def adversarial_embedding(c: torch.Tensor, start: int, prompt: torch.Tensor) -> 
     return torch.cat([c[:, :start], prompt.to(c.dtype).expand(c.shape[0], -1, -1), c[:, start + k:]], 1)
 
 
-def attention_sides(unet) -> set[int]:
-    """Sides of the cross-attention maps of a diffusers UNet2DConditionModel at its sample size."""
-    size = unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    depth, sides = len(unet.config.down_block_types), set()
-    for key in unet.attn_processors:
-        if key.endswith("attn2.processor"):
-            block, _, rest = key.partition(".")
-            index = int(rest.split(".")[0]) if block != "mid_block" else depth - 1
-            level = index if block == "down_blocks" else depth - 1 - index if block == "up_blocks" else depth - 1
-            sides.add(size // 2**level)
+def attention_sides(pipe) -> set[int]:
+    """Sides of the cross-attention maps of ``pipe``'s UNet (a diffusers UNet2DConditionModel) at its
+    native latent size."""
+    family = family_of(pipe)
+    size = family.latent_shape(pipe)[1]
+    depth, sides = len(family.denoiser(pipe).config.down_block_types), set()
+    for name in cross_attention_modules(pipe):
+        block, _, rest = name.partition(".")
+        index = int(rest.split(".")[0]) if block != "mid_block" else depth - 1
+        level = index if block == "down_blocks" else depth - 1 - index if block == "up_blocks" else depth - 1
+        sides.add(size // 2**level)
     return sides
 
 
@@ -283,20 +281,30 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
     Config = ReceLerConfig
     paper = ("Receler: Reliable Concept Erasing of Text-to-Image Diffusion Models via Lightweight Erasers "
              "(Huang et al., ECCV 2024), arXiv 2311.17717")
-    parameter_set: ClassVar[str] = "all"  # changes no base tensor: the result is an adapter
+    parameter_set: ClassVar[str | None] = None  # adapter-only: changes no base tensor, the result is an adapter
+    families: ClassVar[frozenset[str]] = frozenset({"sd", "sdxl"})
+    family_notes: ClassVar[dict[str, str]] = {
+        "sd3": "the erasers follow UNet cross-attention (attn2) and the mask reads its text-only attention maps; "
+               "SD3's joint attention has no separate cross-attention output: the joint-attention form is "
+               "issue 15's",
+        "flux": "the erasers follow UNet cross-attention (attn2) and the mask reads its text-only attention maps; "
+                "Flux's joint attention has no separate cross-attention output: the joint-attention form is "
+                "issue 15's",
+    }
 
     def check(self, pipe, request: ErasureRequest) -> None:
         super().check(pipe, request)
         cfg = self.config
-        sides = attention_sides(pipe.unet)
+        tok = family_of(pipe).tokenizer(pipe)
+        sides = attention_sides(pipe)
         if cfg.concept_reg_weight > 0 and cfg.mask_resolution not in sides:
             raise InputError(f"mask_resolution={cfg.mask_resolution}: this UNet's cross-attention maps are "
                              f"{sorted(sides)} wide at its sample size; choose one of them")
         if cfg.adversarial_steps:
-            room = pipe.tokenizer.model_max_length
+            room = tok.model_max_length
             for c in request.concepts:
                 for t in cfg.templates:
-                    end = word_end(pipe.tokenizer, t, c) + 1 + cfg.adversarial_tokens
+                    end = word_end(tok, t, c) + 1 + cfg.adversarial_tokens
                     if end > room:
                         raise InputError(f"adversarial_tokens={cfg.adversarial_tokens} do not fit after "
                                          f"{fill(t, c)!r} in {room} text positions: lower adversarial_tokens")
@@ -305,15 +313,16 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
         cfg = self.config
         if request.preserve:
             log.info("receler: preserved concepts are not used (Receler has no preservation term)")
-        unet, tok = pipe.unet, pipe.tokenizer
+        family = family_of(pipe)
+        unet, tok = family.denoiser(pipe), family.tokenizer(pipe)
         for _, _, p in named_parameters(pipe):
             p.requires_grad_(False)
-        erasers = ReceLerErasers.for_unet(unet, cfg.rank)
+        erasers = ReceLerErasers.for_pipe(pipe, cfg.rank)
         for e in erasers.erasers.values():
             e.init_(generator)
         templates = cfg.templates
 
-        def text(prompts: list[str]) -> torch.Tensor:
+        def text(prompts: list[str]) -> Conditioning:
             return encode(pipe, prompts).to(unet.device, unet.dtype)
 
         with torch.no_grad():  # row k * len(templates) + j: concept k in template j
@@ -322,7 +331,7 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
             empty = text([""])
         ends = [word_end(tok, t, c) for c in request.concepts for t in templates]
         lengths = [len(tok(c, add_special_tokens=False).input_ids) for c in request.concepts for _ in templates]
-        timesteps = ddim_scheduler(pipe, cfg.ddim_steps).timesteps
+        timesteps = sampler(pipe, cfg.ddim_steps).timesteps
         dim = concepts.shape[-1]
         prompts = [torch.nn.Parameter(torch.rand((1, cfg.adversarial_tokens, dim), generator=generator)
                                       .to(unet.device, unet.dtype)) for _ in request.concepts]  # P, per concept
@@ -333,14 +342,14 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
             k = draw_row(len(request.concepts), len(templates), generator)
             concept = k // len(templates)
             step = random_index(cfg.ddim_steps, generator)
-            c, a = concepts[k : k + 1].expand(n, -1, -1), anchors[k : k + 1].expand(n, -1, -1)
-            x_T = initial_latents(unet, n, generator)
+            c, a = concepts[k : k + 1].expand(n), anchors[k : k + 1].expand(n)
+            x_T = initial_latents(pipe, n, generator)
             x_t = sample_to(pipe, c, empty, step, cfg.ddim_steps, cfg.start_guidance, generator, x_T)
             t = timesteps[step]
             erasers.active, erasers.tokens = False, torch.arange(ends[k] - lengths[k] + 1, ends[k] + 1)
             try:  # the original model: e_0, e_p and the concept's attention maps
                 with torch.no_grad():
-                    e_0, e_p = predict_noise(unet, torch.cat([x_t, x_t]), t, torch.cat([a, c])).chunk(2)
+                    e_0, e_p = predict(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([a, c])).chunk(2)
                 maps = {key: m[n:] for key, m in erasers.maps.items()}
             finally:
                 erasers.active, erasers.tokens, erasers.maps = True, None, {}
@@ -350,9 +359,9 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
             erasers.outputs = {}
             try:
                 if adversarial:
-                    e_n = attack_steps(unet, prompts[concept], attack, x_t, t, c, ends[k] + 1, e_p, adversarial)
+                    e_n = attack_steps(pipe, prompts[concept], attack, x_t, t, c, ends[k] + 1, e_p, adversarial)
                 else:
-                    e_n = predict_noise(unet, x_t, t, c)
+                    e_n = predict(pipe, x_t, t, c)
                 outputs = erasers.outputs
             finally:
                 erasers.outputs = None
@@ -368,15 +377,16 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
         return erasers
 
 
-def attack_steps(unet, prompt: torch.nn.Parameter, attack: torch.optim.Optimizer, x_t: torch.Tensor, t,
-                 c: torch.Tensor, start: int, e_p: torch.Tensor, steps: int) -> torch.Tensor:
+def attack_steps(pipe, prompt: torch.nn.Parameter, attack: torch.optim.Optimizer, x_t: torch.Tensor, t,
+                 c: Conditioning, start: int, e_p: torch.Tensor, steps: int) -> torch.Tensor:
     """``steps`` updates of the soft tokens ``prompt`` minimising ``|| eps'(x_t, t, c_adv) - e_p ||^2``
     (the erased model regenerating the concept); returns the last ``eps'(x_t, t, c_adv)`` with its
     graph (computed with ``prompt`` before the last update, as the official loop), for the erasure
-    loss. The erasers get no gradient from the attack."""
+    loss. The erasers get no gradient from the attack. The soft tokens replace positions of the token
+    sequence ``c.embeds`` (a pooled embedding, where the family has one, stays the clean prompt's)."""
     for j in range(steps):
         leaf = prompt.detach().requires_grad_(True)
-        e_n = predict_noise(unet, x_t, t, adversarial_embedding(c, start, leaf))
+        e_n = predict(pipe, x_t, t, c.with_embeds(adversarial_embedding(c.embeds, start, leaf)))
         (grad,) = torch.autograd.grad(F.mse_loss(e_n.float(), e_p.float()), leaf, retain_graph=j == steps - 1)
         prompt.grad = grad
         attack.step()

@@ -50,7 +50,21 @@ Differences from the official code, and why:
   give the same expected gradient (this one without the noise's variance). A small model is not:
   the noise target *trains* toy-sd (and the contract test's random model) on its own samples,
   which moves every prompt, the preserved ones included; the original-model target holds them
-  (toy preset: comment in ``SalUnConfig``).
+  (toy preset: comment in ``efface.toy.presets``).
+
+Model families (the official code is for SD 1.4; every term is a denoising loss, written with the
+family's training target: ``eps`` above is whatever :func:`~efface.models.diffusion.add_noise`
+says the denoiser predicts, ``eps_theta`` the denoiser's output):
+
+* ``sd`` (SD 1.x / 2.x): as above; on v-prediction checkpoints (SD 2.x 768) the mask's loss and
+  the retain loss regress onto the true v, the guided prediction is guided v;
+* ``sdxl``: the same, over every UNet parameter (``add_embedding``, the pooled-text path,
+  included); prompts carry both encoders' states and the pooled embedding;
+* ``sd3`` / ``flux``: flow matching (``x_t = (1 - s) x_0 + s noise``, ``s = t / 1000`` with ``t``
+  uniform; target the velocity ``noise - x_0``); the mask ranks every transformer parameter. On a
+  guidance-distilled Flux (FLUX.1-dev) the mask's guided prediction and the sampling guidance
+  are real classifier-free guidance on top of the distilled guidance (the model was not trained
+  for it): ``sample_guidance=1`` samples as ``FluxPipeline`` does by default.
 """
 
 from __future__ import annotations
@@ -64,9 +78,10 @@ import torch.nn.functional as F
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.methods.prompts import TOY_CONTEXTS, fill
-from efface.models.diffusion import (add_noise, frozen_copy, predict_noise, random_index, sample_to, train_steps,
-                                     trainable)
+from efface.methods.prompts import fill
+from efface.models.diffusion import (add_noise, frozen_copy, num_train_timesteps, predict, random_index, sample_to,
+                                     train_steps, trainable)
+from efface.models.families import Conditioning, family_of
 from efface.models.text import encode
 
 log = logging.getLogger(__name__)
@@ -96,18 +111,6 @@ class SalUnConfig(MethodConfig):
         "help": "prompt templates, '{}' is the concept (forget), anchor (pseudo) or preserved concept "
                 "(retain)"})
 
-    # toy-sd: 64 forget + 64 retain latents of 20 DDIM steps, 200 steps at lr 5e-4 (toy-sd was
-    # trained at 1e-3), the toy caption contexts, alpha 2 on the retain loss with the original
-    # model's predictions as its target: circle 0.08, other shapes 0.96 (bench/erasure_smoke.py;
-    # 556 s on 2 cores shared with five other jobs; alone, an estimated third of that). With the
-    # official noise target the retain loss trains toy-sd on its own samples and the other shapes
-    # drop: 0.83 at lr 5e-4 / alpha 2, 0.88 at lr 1e-4 / alpha 1 (circle 0.75 there), 0.60 at
-    # lr 1e-3 (n=24).
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 200, "lr": 5e-4, "alpha": 2.0, "retain_target": "original", "num_images": 64,
-                "sample_steps": 20, "templates": TOY_CONTEXTS},
-    }
-
     def __post_init__(self) -> None:
         self.check_bounds(at_least_one=("iterations", "batch_size", "num_images", "sample_steps"),
                           non_negative=("alpha",), positive=("lr",))
@@ -131,12 +134,14 @@ def saliency_masks(saliency: dict[str, torch.Tensor], ratio: float) -> dict[str,
     return masks
 
 
-def guided_forget_loss(unet, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
-                       uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+def guided_forget_loss(pipe, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, cond: Conditioning,
+                       uncond: Conditioning, guidance: float) -> torch.Tensor:
     """The mask's loss ``-|| eps - ((1 + w) eps(x_t, c) - w eps(x_t, "")) ||^2`` (official form: the
-    guided prediction with weight 1 + w on the condition), to be differentiated."""
-    e_c, e_u = predict_noise(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
-    return -F.mse_loss(noise.float(), ((1 + guidance) * e_c - guidance * e_u).float())
+    guided prediction with weight 1 + w on the condition; ``eps`` the training ``target`` of
+    :func:`~efface.models.diffusion.add_noise`), to be differentiated."""
+    both = Conditioning.cat([cond.expand(len(x_t)), uncond.expand(len(x_t))])
+    e_c, e_u = predict(pipe, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+    return -F.mse_loss(target.float(), ((1 + guidance) * e_c - guidance * e_u).float())
 
 
 @register_method("salun")
@@ -149,6 +154,7 @@ class SalUn(ErasureMethod[SalUnConfig]):
              "arXiv 2310.12508")
     parameter_set: ClassVar[str] = "all"
     preserves = True
+    families = frozenset({"sd", "sdxl", "sd3", "flux"})  # denoising losses on add_noise's target (module doc)
 
     def prompts(self, request: ErasureRequest) -> tuple[list[tuple[str, str]], list[str]]:
         """(forget prompt, pseudo prompt) pairs and retain prompts, every template filled."""
@@ -162,29 +168,29 @@ class SalUn(ErasureMethod[SalUnConfig]):
     def sample(self, pipe, prompts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_images`` x_0 latents of the current (original) model, prompts taken in turn; and the
         index of each latent's prompt."""
-        cfg, unet = self.config, pipe.unet
+        cfg, den = self.config, family_of(pipe).denoiser(pipe)
         which = torch.arange(cfg.num_images) % len(prompts)
-        emb = encode(pipe, prompts).to(unet.device, unet.dtype)
-        empty = encode(pipe, [""]).to(unet.device, unet.dtype)
+        emb = encode(pipe, prompts).to(den.device, den.dtype)
+        empty = encode(pipe, [""]).to(den.device, den.dtype)
         out = []
         for start in range(0, cfg.num_images, SAMPLE_BATCH):
             c = emb[which[start : start + SAMPLE_BATCH]]
             out.append(sample_to(pipe, c, empty, cfg.sample_steps, cfg.sample_steps, cfg.sample_guidance, generator))
         return torch.cat(out), which
 
-    def saliency(self, pipe, params: dict[str, torch.nn.Parameter], latents: torch.Tensor, cond: torch.Tensor,
+    def saliency(self, pipe, params: dict[str, torch.nn.Parameter], latents: torch.Tensor, cond: Conditioning,
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The summed gradient of :func:`guided_forget_loss` over one pass of the forget latents
-        (``cond``: one embedding per latent)."""
-        cfg, unet = self.config, pipe.unet
-        steps = pipe.scheduler.config.num_train_timesteps
-        empty = encode(pipe, [""]).to(unet.device, unet.dtype)
+        (``cond``: one conditioning row per latent)."""
+        cfg, den = self.config, family_of(pipe).denoiser(pipe)
+        steps = num_train_timesteps(pipe)
+        empty = encode(pipe, [""]).to(den.device, den.dtype)
         total = {k: torch.zeros_like(p) for k, p in params.items()}
         for start in range(0, len(latents), cfg.batch_size):
             x0, c = latents[start : start + cfg.batch_size], cond[start : start + cfg.batch_size]
-            t = random_index(steps, generator, len(x0)).to(unet.device)
-            x_t, noise = add_noise(pipe, x0, t, generator)
-            loss = guided_forget_loss(unet, x_t, t, noise, c, empty.expand(len(x0), -1, -1), cfg.mask_guidance)
+            t = random_index(steps, generator, len(x0)).to(den.device)
+            x_t, target = add_noise(pipe, x0, t, generator)
+            loss = guided_forget_loss(pipe, x_t, t, target, c, empty.expand(len(x0)), cfg.mask_guidance)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for k, g in zip(params, grads):
                 if g is not None:
@@ -192,40 +198,40 @@ class SalUn(ErasureMethod[SalUnConfig]):
         return total
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
-        cfg, unet = self.config, pipe.unet
+        cfg, den = self.config, family_of(pipe).denoiser(pipe)
         forget, retain = self.prompts(request)
         f_x0, f_which = self.sample(pipe, [f for f, _ in forget], generator)
         r_x0, r_which = self.sample(pipe, retain, generator)
         with torch.no_grad():
-            forget_c, pseudo_c, retain_c = (encode(pipe, p).to(unet.device, unet.dtype)
+            forget_c, pseudo_c, retain_c = (encode(pipe, p).to(den.device, den.dtype)
                                             for p in ([f for f, _ in forget], [p for _, p in forget], retain))
-        original = frozen_copy(unet) if cfg.retain_target == "original" else None
+        original = frozen_copy(den) if cfg.retain_target == "original" else None
         params = trainable(pipe, self.parameter_set)
         masks = saliency_masks(self.saliency(pipe, params, f_x0, forget_c[f_which], generator), cfg.mask_ratio)
-        log.info("salun: the saliency mask keeps %d of %d UNet weights",
-                 int(sum(m.sum() for m in masks.values())), sum(m.numel() for m in masks.values()))
-        steps, n = pipe.scheduler.config.num_train_timesteps, cfg.batch_size
+        log.info("salun: the saliency mask keeps %d of %d %s weights", int(sum(m.sum() for m in masks.values())),
+                 sum(m.numel() for m in masks.values()), family_of(pipe).denoiser_name)
+        steps, n = num_train_timesteps(pipe), cfg.batch_size
 
         def noisy(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            t = random_index(steps, generator, len(x0)).to(unet.device)
-            x_t, noise = add_noise(pipe, x0, t, generator)
-            return x_t, t, noise
+            t = random_index(steps, generator, len(x0)).to(den.device)
+            x_t, target = add_noise(pipe, x0, t, generator)
+            return x_t, t, target
 
         def loss(_: int) -> torch.Tensor:
             fi, ri = random_index(len(f_x0), generator, n), random_index(len(r_x0), generator, n)
             k = f_which[fi]
             x_f, t_f, _ = noisy(f_x0[fi])
             with torch.no_grad():
-                target = predict_noise(unet, x_f, t_f, pseudo_c[k])  # sg(eps_theta(x_t, c_p))
-            forget_loss = F.mse_loss(predict_noise(unet, x_f, t_f, forget_c[k]).float(), target.float())
+                target = predict(pipe, x_f, t_f, pseudo_c[k])  # sg(eps_theta(x_t, c_p))
+            forget_loss = F.mse_loss(predict(pipe, x_f, t_f, forget_c[k]).float(), target.float())
             if cfg.alpha == 0:
                 return forget_loss
             x_r, t_r, eps_r = noisy(r_x0[ri])
             c_r = retain_c[r_which[ri]]
             if original is not None:
                 with torch.no_grad():
-                    eps_r = predict_noise(original, x_r, t_r, c_r)
-            retain_loss = F.mse_loss(predict_noise(unet, x_r, t_r, c_r).float(), eps_r.float())
+                    eps_r = predict(pipe, x_r, t_r, c_r, denoiser=original)
+            retain_loss = F.mse_loss(predict(pipe, x_r, t_r, c_r).float(), eps_r.float())
             return forget_loss + cfg.alpha * retain_loss
 
         hooks = [p.register_hook(lambda g, m=masks[k]: g * m) for k, p in params.items()]

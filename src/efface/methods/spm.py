@@ -64,9 +64,10 @@ import torch.nn.functional as F
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.esd import esd_target
-from efface.methods.prompts import TOY_CONTEXTS, fill
-from efface.models.diffusion import ddim_scheduler, initial_latents, predict_noise, random_index, sample_to, train_steps
+from efface.methods.prompts import fill
 from efface.methods.spm_membranes import COMPOSITIONS, SPMAdapter, membrane_layers
+from efface.models.diffusion import initial_latents, predict, random_index, sample_to, sampler, train_steps
+from efface.models.families import Conditioning, family_of
 from efface.models.params import named_parameters
 from efface.models.text import encode
 
@@ -93,24 +94,6 @@ class SPMConfig(MethodConfig):
                                                                          "similarity to its concept (False: always 1)"})
     templates: tuple[str, ...] = field(default=("{}",), metadata={"help": "prompt templates, '{}' is the concept (or "
                                                                           "anchor); one drawn per iteration"})
-
-    # toy-sd: 120 iterations of batch 2, 10 DDIM steps: 364 s in bench/erasure_smoke.py with the 2 cores
-    # shared by about six jobs (not timed alone). A rank-1 membrane on a small model needs a larger step
-    # (lr 3e-3); toy-sd's anchoring MSE on random embeddings (1e-4 to 1e-3) is small against the erasing
-    # loss (~0.04), and with the official weight 1000 (lr 1e-2, 80 iterations) the circle stayed at 1.00
-    # while the anchoring term grew; 30 erases. The concept in the toy world's caption contexts (its token
-    # states depend on the whole caption); negative guidance 6 (3: held-out 0.83); composition "sum", so a
-    # single membrane acts with gamma, not gamma^2 (merged, eta 3: train words 0.29 instead of 0.25).
-    # Facilitated transport keeps the other shapes (their prompts' gamma: 0.03 on average, at most 0.22;
-    # others 0.975-1.00) and opens the membrane fully for prompts naming "circle", but only by the
-    # embedding cosine (0.25 to 0.35) for the train synonym "disc" inside a caption ("red disc, spotty"),
-    # about the quarter of the prompts that keep the circle: train words 0.19, held out 0.67, others 1.00
-    # (smoke bench, n=48; n=24: 0.25 / 0.71 / 0.975). The same membranes with facilitated_transport=False
-    # (n=24): circle 0.00, held out 0.00, others 1.00: on toy-sd the anchoring alone keeps the other shapes.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"iterations": 120, "lr": 3e-3, "la_strength": 30.0, "batch_size": 2, "anchor_batch": 4,
-                "ddim_steps": 10, "negative_guidance": 6.0, "templates": TOY_CONTEXTS, "composition": "sum"},
-    }
 
     def __post_init__(self) -> None:
         self.check_bounds(at_least_one=("iterations", "rank", "batch_size", "anchor_batch"),
@@ -152,8 +135,20 @@ class SPM(ErasureMethod[SPMConfig]):
     Config = SPMConfig
     paper = ("One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing Applications "
              "(Lyu et al., CVPR 2024), arXiv 2312.16145")
-    parameter_set: ClassVar[str] = "all"  # no base parameter changes; the adapter holds the membranes
+    parameter_set: ClassVar[str | None] = None  # adapter-only: no base parameter changes (the membranes)
     exports_lora = True  # ErasedModel.save(lora=True) / efface erase --save-lora
+    family_notes: ClassVar[dict[str, str]] = {
+        "sdxl": "not ported to SDXL yet: facilitated transport reads the token ids the first text encoder "
+                "encoded, but SDXL conditions the UNet on both encoders' penultimate states (so only the cosine "
+                "term would apply), latent anchoring has no random counterpart for the pooled embedding, and "
+                "the LoRA export writes SD's unet.* keys; the official code is SD 1.x / 2.x only",
+        "sd3": "the membranes attach to the UNet's Transformer2DModel blocks and transport compares the UNet's "
+               "encoder_hidden_states; SD3's joint-attention transformer (CLIP + T5 sequence, pooled "
+               "projections) needs its own placement and transport: not ported",
+        "flux": "the membranes attach to the UNet's Transformer2DModel blocks and transport compares the UNet's "
+                "encoder_hidden_states; Flux's joint-attention transformer (T5 sequence, pooled CLIP) needs its "
+                "own placement and transport: not ported",
+    }
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> SPMAdapter:
         cfg = self.config
@@ -161,7 +156,8 @@ class SPM(ErasureMethod[SPMConfig]):
             log.info("spm: preserved concepts are not used (latent anchoring uses random embeddings)")
         for _, _, p in named_parameters(pipe):
             p.requires_grad_(False)
-        adapter = SPMAdapter(membrane_layers(pipe.unet), list(request.concepts), rank=cfg.rank, alpha=cfg.alpha,
+        layers = membrane_layers(family_of(pipe).denoiser(pipe))
+        adapter = SPMAdapter(layers, list(request.concepts), rank=cfg.rank, alpha=cfg.alpha,
                              composition=cfg.composition, transport=cfg.facilitated_transport).reset(generator)
         with adapter.installed(pipe):
             adapter.requires_grad_(True)
@@ -172,34 +168,35 @@ class SPM(ErasureMethod[SPMConfig]):
     def _train_membrane(self, pipe, adapter: SPMAdapter, request: ErasureRequest, k: int,
                         generator: torch.Generator, progress: bool) -> None:
         """Membrane ``k`` on concept ``k`` at multiplier 1, every other membrane off (multiplier 0)."""
-        cfg, unet, n = self.config, pipe.unet, self.config.batch_size
+        cfg, unet, n = self.config, family_of(pipe).denoiser(pipe), self.config.batch_size
         with torch.no_grad():
             concepts = encode(pipe, [fill(t, request.concepts[k]) for t in cfg.templates]).to(unet.device, unet.dtype)
             anchors = encode(pipe, [fill(t, request.anchors[k]) for t in cfg.templates]).to(unet.device, unet.dtype)
             empty = encode(pipe, [""]).to(unet.device, unet.dtype)
-        timesteps = ddim_scheduler(pipe, cfg.ddim_steps).timesteps
+        timesteps = sampler(pipe, cfg.ddim_steps).timesteps
         on = torch.zeros(len(request.concepts))
         on[k] = 1.0
 
         def loss(_: int) -> torch.Tensor:
             j = random_index(len(cfg.templates), generator) if len(cfg.templates) > 1 else 0
             step = 1 + random_index(cfg.ddim_steps - 1, generator)
-            c, a = concepts[j : j + 1].expand(n, -1, -1), anchors[j : j + 1].expand(n, -1, -1)
-            x_T = initial_latents(unet, n, generator)
+            c, a = concepts[j : j + 1].expand(n), anchors[j : j + 1].expand(n)
+            x_T = initial_latents(pipe, n, generator)
             with adapter.fixed(on):  # x_t from the model being trained
                 x_t = sample_to(pipe, c, empty, step, cfg.ddim_steps, cfg.start_guidance, generator, x_T)
             t = timesteps[step]
-            s = anchor_embeddings(concepts[j : j + 1], empty, cfg.anchor_batch, generator) if cfg.la_strength else None
+            s = (Conditioning(anchor_embeddings(concepts.embeds[j : j + 1], empty.embeds, cfg.anchor_batch, generator))
+                 if cfg.la_strength else None)
             x_s = x_t.repeat(cfg.anchor_batch // n, 1, 1, 1) if s is not None else None
             with torch.no_grad(), adapter.fixed(0.0):  # the original model
-                e_a, e_c = predict_noise(unet, torch.cat([x_t, x_t]), t, torch.cat([a, c])).chunk(2)
-                e_s = predict_noise(unet, x_s, t, s) if s is not None else None
+                e_a, e_c = predict(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([a, c])).chunk(2)
+                e_s = predict(pipe, x_s, t, s) if s is not None else None
             with adapter.fixed(on):
-                erase = F.mse_loss(predict_noise(unet, x_t, t, c).float(),
+                erase = F.mse_loss(predict(pipe, x_t, t, c).float(),
                                    esd_target(e_a, e_c, cfg.negative_guidance).float())
                 if s is None:
                     return erase
-                anchor = F.mse_loss(predict_noise(unet, x_s, t, s).float(), e_s.float())
+                anchor = F.mse_loss(predict(pipe, x_s, t, s).float(), e_s.float())
             return erase + cfg.la_strength * anchor
 
         membrane = list(adapter.membranes[k].parameters())

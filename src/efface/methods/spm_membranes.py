@@ -15,9 +15,10 @@ matching metric ``clipcos_tokenuni``)::
 with ``e`` the text encoder's padded hidden states (``encoder_hidden_states``) and ``tokens`` the
 prompt's token ids without start / end / padding tokens: 1 for a prompt that names the concept,
 the embedding similarity otherwise. The rate is computed per batch row by a forward pre-hook on
-the UNet, so the empty-prompt rows of classifier-free guidance get their own rate; the token ids
-of a row are found through a forward hook on the text encoder that remembers what it encoded (a
-row it never encoded, e.g. ``prompt_embeds`` passed directly, gets the cosine term only).
+the UNet (the pipeline's denoiser, through its family), so the empty-prompt rows of classifier-free
+guidance get their own rate; the token ids of a row are found through a forward hook on the
+(first) text encoder that remembers what it encoded (a row it never encoded, e.g. ``prompt_embeds``
+passed directly, gets the cosine term only).
 
 Membranes compose as the official ``infer_spm.py`` combines several SPM files (``"merged"``): each
 one's ``U`` and ``D`` are scaled by its rate and summed, one rank-``r`` branch
@@ -41,6 +42,7 @@ from safetensors.torch import save_file
 
 from efface.errors import InputError
 from efface.models.adapters import Adapter, Installed, forward_hooks, forward_pre_hook, register_adapter
+from efface.models.families import family_of
 from efface.models.text import encode, tokenize
 
 COMPOSITIONS = ("merged", "sum")
@@ -171,15 +173,17 @@ class SPMAdapter(Adapter):
             self._fixed = previous
 
     def _attach(self, pipe, handle: Installed) -> None:
-        unet, modules = pipe.unet, dict(pipe.unet.named_modules())
+        family = family_of(pipe)
+        unet = family.denoiser(pipe)
+        modules = dict(unet.named_modules())
         missing = [n for n in self.layers if n not in modules]
         if missing:
             raise InputError(f"this UNet has no module {missing[0]} (and {len(missing) - 1} more): the SPM was "
                              "trained on another architecture")
-        tok = pipe.tokenizer
+        tok = family.tokenizer(pipe)
         special = set(tok.all_special_ids)
         concept_tokens = [frozenset(ids) - special for ids in tokenize(pipe, self.concepts).tolist()]
-        concept_embeds = encode(pipe, self.concepts).to(unet.device)
+        concept_embeds = encode(pipe, self.concepts).embeds.to(unet.device)
         seen = _EncodedPrompts(special)
 
         def remember(module, args, kwargs, output):
@@ -189,7 +193,7 @@ class SPMAdapter(Adapter):
                 if output[0].dtype != unet.dtype:
                     seen.add(ids, output[0].to(unet.dtype))
 
-        h = pipe.text_encoder.register_forward_hook(remember, with_kwargs=True)
+        h = getattr(pipe, family.text_encoders[0]).register_forward_hook(remember, with_kwargs=True)
         handle.on_remove(h.remove)
         state: dict[str, torch.Tensor] = {}
 

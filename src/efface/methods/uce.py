@@ -1,47 +1,79 @@
 """UCE: Unified Concept Editing (Gandikota et al., WACV 2024, arXiv 2308.14761).
 
-A closed-form edit of every cross-attention key and value projection ``W`` (``attn2.to_k`` and
-``attn2.to_v``). With ``c_i`` the text embedding of an erased concept, ``v_i* = W_old c_guide`` the
-old projection of its guide (anchor) and ``c_j`` the embeddings of preserved concepts, UCE solves
+A closed-form edit of the linear layers through which the text enters the denoiser (the model
+family's closed-form sites, ``family.edit_sites(pipe)``; parameter set ``text_input``). With
+``c_i`` the keys of an erased concept (what the layer ``W`` reads for it), ``v_i* = W_old c_guide``
+the old projection of its guide (anchor) and ``c_j`` the keys of preserved concepts, UCE solves
 (paper, eq. 7)::
 
     W = (lamb W_old + s_e sum_i v_i* c_i^T + s_p sum_j W_old c_j c_j^T)
         (lamb I     + s_e sum_i c_i c_i^T  + s_p sum_j c_j c_j^T)^-1
 
-all concepts in one solve, per layer, in float64 (``solve_dtype``) whatever the model's dtype.
+all concepts in one solve per layer (their keys stacked), in float64 (``solve_dtype``) whatever the
+model's dtype. The text encoders run once per batch of prompts (every distinct prompt once).
 
-Defaults are those of the official code (``trainscripts/uce_sd_erase.py``): ``erase_scale=1``,
-``preserve_scale=1``, ``lamb=0.5``, one embedding per concept taken at its last token; the guide
-defaults to "" (objects; use "art" for artists). ``tokens="all"`` instead uses every token from the
-concept's last word to the end of the padded sequence, as the paper's first code release did.
-``expand_prompts`` also edits each concept inside every template of ``templates`` (default the
-official code's object templates, "image of {}", ...), the key taken at the concept's last token
-in that context, and preserves each preserved concept in the same templates.
+What is edited, per family:
 
-Differences from the official code (``--expand_prompts``), and why:
+* **sd** (SD 1.x / 2.x) and **sdxl**: every cross-attention ``to_k`` / ``to_v`` (``attn2``); a key
+  is the token state at the concept's last token (SDXL: the concatenated CLIP-L / bigG states,
+  positions counted by the first tokenizer). This is the official ``trainscripts/uce_sd_erase.py``,
+  which the official README names for SDXL too; SDXL's pooled path (``add_embedding``) is not
+  edited, as there.
+* **flux**: the official ``trainscripts/uce_flux_edit.py``: ``context_embedder`` (reads the T5
+  sequence; key: the T5 state at the concept's last token) and the pooled text embedder
+  ``time_text_embed.text_embedder.linear_1`` (reads CLIP's pooled output: one key per prompt).
+* **sd3** (no official script): the Flux script's two sites. ``context_embedder`` reads CLIP-L ||
+  CLIP-G states (zero-padded to T5's width) followed by T5's, so each prompt gives two sequence
+  keys: the concept's last token in the CLIP part and in the T5 part
+  (``family.word_positions``); the pooled embedder reads CLIP-L || CLIP-G pooled.
 
-* the official code extends the *preserved* list with the *erased* concept's templates (it zips
-  erased concepts with preserved ones), so that erase and preserve terms cancel; efface expands
+Defaults are those of the official code (both scripts): ``erase_scale=1``, ``preserve_scale=1``,
+``lamb=0.5``, one key per concept (and text encoder part) at its last token; the guide defaults to
+"" (objects; use "art" for artists). ``tokens="all"`` instead uses every token from the concept's
+last token to the end of its part of the padded sequence, as the paper's first code release did
+on SD: on SD / SDXL to the end of the 77 CLIP tokens; on Flux to the end of the T5 sequence
+(``max_sequence_length``); on SD3 both the CLIP part (to token 77) and the T5 part (to the end).
+An erased prompt's rows and its guide's are trimmed, part by part, to the shorter of the two (as
+that release); the pooled site keeps one key per prompt. ``expand_prompts`` also edits each concept
+inside every template of ``templates`` (default the official code's object templates, "image of
+{}", ...), the key taken at the concept's last token in that context, and preserves each
+preserved concept in the same templates.
+
+Differences from the official code, and why:
+
+* ``--expand_prompts``: ``uce_sd_erase.py`` extends the *preserved* list with the *erased*
+  concept's templates (it zips erased concepts with preserved ones), so that erase and preserve
+  terms cancel, and ``uce_flux_edit.py`` does not expand preserved concepts at all; efface expands
   each preserved concept into the templates, the evident intent;
 * expanded prompts map to the bare guide in the official code (``guide_context="bare"``, the
   default); ``guide_context="template"`` maps "image of circle" to "image of" instead, so that the
   context words keep their values;
 * keys sit at the concept's last token in every template, not at the prompt's last token, so
-  templates may continue after the concept ("a {} on a plain background").
+  templates may continue after the concept ("a {} on a plain background");
+* Flux / SD3 sites have a bias ``b``. ``uce_flux_edit.py`` takes the guide and preserved values as
+  the module's output ``W_old c + b`` and solves for ``W``, which then adds ``b`` again: every
+  target, the preserved ones included, is shifted by ``b``. efface takes the values of the weight
+  alone (``W_old c``), so that the layer's output ``W c + b`` maps onto the guide's
+  ``W_old c_guide + b`` and preserved outputs stay;
+* the T5 key of the empty guide "": the official index ``attention_mask.sum() - 2`` is ``-1``
+  there, the last padding token of the sequence; efface takes T5's end token (position 0, the
+  family's ``word_positions``), as the start token on CLIP;
+* Flux prompts are encoded with the family's ``max_sequence_length`` (512); the official script
+  uses 256 for FLUX.1-schnell, and T5 states depend on the padded length;
+* solves in float64 (official: float32 ``torch.inverse``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.models.params import select
-from efface.methods.prompts import TOY_CONTEXTS, fill, word_end
-from efface.models.text import encode, token_count
+from efface.models.families import family_of
+from efface.models.params import get_parameter
+from efface.models.text import encode, fill, token_count
 
 OBJECT_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
 
@@ -52,7 +84,8 @@ class UCEConfig(MethodConfig):
     preserve_scale: float = field(default=1.0, metadata={"help": "weight s_p of the preserve terms"})
     lamb: float = field(default=0.5, metadata={"help": "weight of the stay-close-to-W_old term (lambda)"})
     tokens: str = field(default="last", metadata={"help": "'last' concept token (official code) or 'all' "
-                                                           "tokens from it to the end of the sequence"})
+                                                           "tokens from it to the end of its part of the "
+                                                           "sequence"})
     expand_prompts: bool = field(default=False, metadata={"help": "also edit (and preserve) each concept in "
                                                                    "every template of 'templates'"})
     templates: tuple[str, ...] = field(default=OBJECT_TEMPLATES, metadata={"help": "templates of expand_prompts, "
@@ -60,12 +93,6 @@ class UCEConfig(MethodConfig):
     guide_context: str = field(default="bare", metadata={"help": "expanded prompts map to the 'bare' guide "
                                                                   "(official) or to the guide in the same 'template'"})
     solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for the solve"})
-
-    # toy-sd: each concept in the toy world's training contexts ("a red {}", ...), guided to the same
-    # context without it, other concepts preserved in those contexts (docs/erasure.md, "UCE on toy-sd").
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "toy": {"expand_prompts": True, "templates": TOY_CONTEXTS, "guide_context": "template"},
-    }
 
     def __post_init__(self) -> None:
         self.check_choices(tokens=("last", "all"), guide_context=("bare", "template"),
@@ -75,37 +102,118 @@ class UCEConfig(MethodConfig):
             raise InputError("lamb, erase_scale and preserve_scale must be >= 0")
 
 
-def concept_keys(pipe, prompts: list[str], tokens: str, ends: list[int] | None = None) -> list[torch.Tensor]:
-    """Text embeddings used as UCE keys: per prompt, an (n x d) matrix of token embeddings.
+ENCODE_BATCH = 32  # prompts per text-encoder call when collecting keys
 
-    ``"last"``: the concept's last token (``ends[i]``; default the last token before the
-    end-of-text token, for "" the start token); ``"all"``: that token and every later one up to
-    the padded length.
+
+@dataclass(frozen=True)
+class PromptKeys:
+    """The keys one prompt gives: per part of the token sequence (one per text encoder it carries,
+    :func:`part_starts`), its rows (n_j x d); and its pooled embedding (1 x P), if the family has one."""
+
+    parts: tuple[torch.Tensor, ...]
+    pooled: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """UCE's keys for the edit sites that read one input (``"sequence"`` or ``"pooled"``), stacked:
+    ``erase`` (n x d), the ``guide`` keys row-aligned with them (n x d), whose values the erase keys
+    must take, and ``preserve`` (m x d), whose current values must stay."""
+
+    erase: torch.Tensor
+    guide: torch.Tensor
+    preserve: torch.Tensor
+
+
+def part_starts(pipe) -> list[int]:
+    """Where each text encoder's part of :attr:`Conditioning.embeds` begins, in the order of
+    ``family.word_positions`` (SD, SDXL, Flux: ``[0]``; SD3: the CLIP part and the T5 part): the
+    positions of the empty word, the first token of each part."""
+    return family_of(pipe).word_positions(pipe, "{}", "")
+
+
+def fits(pipe, text: str) -> bool:
+    """Whether every tokenizer of the pipeline keeps all of ``text``."""
+    toks = [getattr(pipe, name, None) for name in family_of(pipe).tokenizers]
+    return all(token_count(t, text) <= t.model_max_length for t in toks if t is not None)
+
+
+@torch.no_grad()
+def concept_keys(pipe, prompts: list[str], tokens: str, positions: list[list[int]]) -> list[PromptKeys]:
+    """UCE's keys of ``prompts`` (float32, on the text encoders' device), the text encoders run
+    once per :data:`ENCODE_BATCH` distinct prompts.
+
+    ``positions[i]``: the rows of prompt ``i`` that hold the concept's last token, one per part of
+    the sequence (``family.word_positions``, as :func:`in_context` gives them). ``"last"``: those
+    rows; ``"all"``: in each part, that row and every later one to the part's end (the padded
+    length: SD 77 CLIP tokens, Flux the T5 sequence, SD3 each of both).
     """
-    if not prompts:
-        return []
-    emb = encode(pipe, prompts).float()
-    if ends is None:
-        ends = [len(pipe.tokenizer(p).input_ids) - 2 for p in prompts]  # minus start and end tokens
-    return [e[i : i + 1] if tokens == "last" else e[i:] for e, i in zip(emb, ends)]
+    starts = part_starts(pipe)
+    where: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        where.setdefault(p, []).append(i)
+    unique = list(where)
+    out: list[PromptKeys | None] = [None] * len(prompts)
+    for b in range(0, len(unique), ENCODE_BATCH):
+        chunk = unique[b : b + ENCODE_BATCH]
+        cond = encode(pipe, chunk).float()
+        ends = [*starts[1:], cond.shape[1]]
+        for r, prompt in enumerate(chunk):
+            seq = cond.embeds[r]
+            pooled = None if cond.pooled is None else cond.pooled[r : r + 1].clone()
+            for i in where[prompt]:
+                pos = positions[i]
+                if len(pos) != len(starts) or not all(s <= q < e for q, s, e in zip(pos, starts, ends)):
+                    raise ValueError(f"positions {pos} of {prompt!r} do not lie in the sequence's parts "
+                                     f"{list(zip(starts, ends))}")
+                parts = tuple((seq[q : q + 1] if tokens == "last" else seq[q:e]).clone() for q, e in zip(pos, ends))
+                out[i] = PromptKeys(parts, pooled)
+    return out  # type: ignore[return-value]
 
 
-def in_context(tokenizer, words: list[str], templates: tuple[str, ...],
+def in_context(pipe, words: list[str], templates: tuple[str, ...],
                guides: list[str] | None = None, guide_template: bool = True) -> tuple[list, list, list, list]:
-    """Each word alone and in every template (pairs the tokenizer would truncate are left out),
-    with the index of the word's last token in each prompt; with ``guides`` (one per word), the
-    row-aligned guide prompts: the guide in the same template, or bare (``guide_template=False``)."""
+    """Each word alone and in every template (pairs a tokenizer would truncate are left out), with
+    the positions of the word's last token in each prompt (``family.word_positions``: one per part
+    of the sequence); with ``guides`` (one per word), the row-aligned guide prompts and their
+    positions: the guide in the same template, or bare (``guide_template=False``)."""
+    family = family_of(pipe)
     prompts, ends, g_prompts, g_ends = [], [], [], []
     for i, w in enumerate(words):
         for t in ("{}", *templates):
             gt = t if guide_template else "{}"
             texts = [fill(t, w)] + ([fill(gt, guides[i])] if guides is not None else [])
-            if max(token_count(tokenizer, x) for x in texts) > tokenizer.model_max_length:
+            if not all(fits(pipe, x) for x in texts):
                 continue
-            prompts.append(texts[0]), ends.append(word_end(tokenizer, t, w))
+            prompts.append(texts[0]), ends.append(family.word_positions(pipe, t, w))
             if guides is not None:
-                g_prompts.append(texts[1]), g_ends.append(word_end(tokenizer, gt, guides[i]))
+                g_prompts.append(texts[1]), g_ends.append(family.word_positions(pipe, gt, guides[i]))
     return prompts, ends, g_prompts, g_ends
+
+
+def _cat(rows: list[torch.Tensor], width: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(rows) if rows else like.new_zeros(0, width)
+
+
+def stack_keys(erase: list[PromptKeys], guide: list[PromptKeys], preserve: list[PromptKeys]) -> dict[str, SiteKeys]:
+    """The :class:`SiteKeys` of prompt keys (``erase[i]`` guided to ``guide[i]``): ``"sequence"``,
+    every part of every prompt (an erased prompt's part and its guide's trimmed to the shorter:
+    ``tokens="all"``), and ``"pooled"`` where the prompts have a pooled embedding."""
+    if not erase or len(erase) != len(guide):
+        raise ValueError(f"need one guide per erased prompt, got {len(erase)} erased and {len(guide)} guides")
+    rows_e, rows_g = [], []
+    for e, g in zip(erase, guide):
+        for a, b in zip(e.parts, g.parts, strict=True):
+            a, b = _align(a, b)
+            rows_e.append(a), rows_g.append(b)
+    first = rows_e[0]
+    keys = {"sequence": SiteKeys(torch.cat(rows_e), torch.cat(rows_g),
+                                 _cat([r for p in preserve for r in p.parts], first.shape[1], first))}
+    if erase[0].pooled is not None:
+        pooled = erase[0].pooled
+        keys["pooled"] = SiteKeys(torch.cat([e.pooled for e in erase]), torch.cat([g.pooled for g in guide]),
+                                  _cat([p.pooled for p in preserve], pooled.shape[1], pooled))
+    return keys
 
 
 @torch.no_grad()
@@ -132,46 +240,71 @@ def _align(erase: torch.Tensor, guide: torch.Tensor) -> tuple[torch.Tensor, torc
     return erase[:n], guide[:n]
 
 
+@torch.no_grad()
+def normal_matrices(keys: SiteKeys, *, erase_scale: float, preserve_scale: float, lamb: float,
+                    device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    """What the closed form of every layer reading ``keys`` shares (d x d each): ``mat2 = lamb I +
+    s_e C^T C + s_p P^T P``, ``G^T C`` and ``P^T P`` (``C``, ``G``, ``P``: erase, guide and preserve
+    keys), so that a layer's ``mat1 = lamb W + s_e W_guide G^T C + s_p W P^T P`` (the sums of the
+    formula above, with ``v_i* = W_guide g_i``) and ``W_new = mat1 mat2^-1``."""
+    c, g, p = (k.to(device, dtype) for k in (keys.erase, keys.guide, keys.preserve))
+    pp = p.T @ p
+    mat2 = lamb * torch.eye(c.shape[1], dtype=dtype, device=device) + erase_scale * c.T @ c + preserve_scale * pp
+    return mat2, g.T @ c, pp
+
+
 @register_method("uce")
 class UCE(ErasureMethod[UCEConfig]):
-    """Unified Concept Editing: closed-form edit of cross-attention K/V (arXiv 2308.14761)."""
+    """Unified Concept Editing: closed-form edit of where the text enters the denoiser (arXiv 2308.14761)."""
 
     Config = UCEConfig
     paper = "Unified Concept Editing in Diffusion Models (Gandikota et al., WACV 2024), arXiv 2308.14761"
-    parameter_set = "xattn_kv"
+    families = frozenset({"sd", "sdxl", "sd3", "flux"})
+    family_notes = {
+        "sdxl": "cross-attention to_k / to_v only (as the official script); the pooled path is not edited",
+        "sd3": "no official script: the UCE-Flux sites (context_embedder with a CLIP and a T5 key per prompt, "
+               "and the pooled text embedder)",
+        "flux": "context_embedder (T5 key) and the pooled text embedder (CLIP pooled key), as uce_flux_edit.py",
+    }
+    parameter_set = "text_input"
     preserves = True
 
-    def edit(self, pipe, erase_keys: list[torch.Tensor], guide_keys: list[torch.Tensor],
-             preserve_keys: list[torch.Tensor], originals: dict[str, torch.Tensor] | None = None) -> None:
-        """Solve and write every K/V projection in place. Guide values are computed with
-        ``originals`` (default: the current weights), so that later edits (RECE) can keep mapping
-        onto the original model's values; preserved keys keep their current values."""
+    @torch.no_grad()
+    def edit(self, pipe, keys: dict[str, SiteKeys], originals: dict[str, torch.Tensor] | None = None) -> None:
+        """Solve and write every edit site of the family (``family.edit_sites``) in place, each with
+        the keys of what it reads (``keys["sequence"]``, ``keys["pooled"]``): one solve per site
+        for all concepts. Guide values are computed with ``originals`` (default: the current
+        weights), so that later edits (RECE) can keep mapping onto the original model's values;
+        preserved keys keep their current values. Values are the weight's alone: a site's bias
+        (SD3, Flux) stays, so its output ``W c + b`` maps onto the guide's ``W_old c_guide + b``."""
         cfg = self.config
-        weights = select(pipe, self.parameter_set)
         dtype = getattr(torch, cfg.solve_dtype)
-        for key, param in weights.items():
-            w_orig = (originals[key] if originals is not None else param.detach()).to(param.device)
-            keys, values = [], []
-            for c, g in zip(erase_keys, guide_keys):
-                c, g = _align(c.to(param.device), g.to(param.device))
-                keys.append(c)
-                values.append(g.to(dtype) @ w_orig.to(dtype).T)
-            # preserved concepts keep their *current* output (W_old in the paper's notation)
-            new = uce_solve(param.detach(), keys, values, [p.to(param.device) for p in preserve_keys],
-                            erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale, lamb=cfg.lamb,
-                            dtype=dtype)
-            param.data.copy_(new.to(param.dtype))
+        shared: dict[tuple[str, torch.device], tuple[torch.Tensor, ...]] = {}
+        for site in family_of(pipe).edit_sites(pipe):
+            if site.reads not in keys:
+                raise KeyError(f"no {site.reads!r} keys for the edit site {site.key}")
+            param = get_parameter(pipe, site.key)
+            if (site.reads, param.device) not in shared:
+                shared[site.reads, param.device] = normal_matrices(
+                    keys[site.reads], erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale,
+                    lamb=cfg.lamb, device=param.device, dtype=dtype)
+            mat2, guide_erase, pp = shared[site.reads, param.device]
+            w = param.detach().to(dtype)  # preserved concepts keep their *current* output (W_old in the paper)
+            w_guide = originals[site.key].to(param.device, dtype) if originals is not None else w
+            mat1 = cfg.lamb * w + cfg.erase_scale * w_guide @ guide_erase + cfg.preserve_scale * w @ pp
+            param.data.copy_(torch.linalg.solve(mat2, mat1, left=False).to(param.dtype))  # mat1 @ mat2^-1
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
-        self.edit(pipe, *self.keys(pipe, request))
+        self.edit(pipe, self.keys(pipe, request))
 
-    def keys(self, pipe, request: ErasureRequest) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Erase keys, guide keys (row-aligned) and preserve keys of ``request``, each concept also
-        in every template when ``expand_prompts`` is on."""
-        cfg, tok = self.config, pipe.tokenizer
+    def keys(self, pipe, request: ErasureRequest) -> dict[str, SiteKeys]:
+        """The stacked keys of ``request`` per kind of site, each concept also in every template
+        when ``expand_prompts`` is on (every prompt encoded once)."""
+        cfg = self.config
         templates = cfg.templates if cfg.expand_prompts else ()
-        erase, e_ends, guide, g_ends = in_context(tok, list(request.concepts), templates, list(request.anchors),
-                                                  guide_template=cfg.guide_context == "template")
-        preserve, p_ends, _, _ = in_context(tok, list(request.preserve), templates)
-        return (concept_keys(pipe, erase, cfg.tokens, e_ends), concept_keys(pipe, guide, cfg.tokens, g_ends),
-                concept_keys(pipe, preserve, cfg.tokens, p_ends))
+        erase, e_pos, guide, g_pos = in_context(pipe, list(request.concepts), templates, list(request.anchors),
+                                                guide_template=cfg.guide_context == "template")
+        preserve, p_pos, _, _ = in_context(pipe, list(request.preserve), templates)
+        found = concept_keys(pipe, [*erase, *guide, *preserve], cfg.tokens, [*e_pos, *g_pos, *p_pos])
+        n, m = len(erase), len(erase) + len(guide)
+        return stack_keys(found[:n], found[n:m], found[m:])

@@ -6,26 +6,23 @@ judged the images (evaluator name and version, model file hash, thresholds), so 
 reproduced. Models a metric needs (classifier, detector, feature extractor) come from a factory
 passed to the constructor, so tests inject tiny models; nothing is downloaded at run time.
 
->>> rate = ConceptRate(classifier)               # doctest: +SKIP
->>> rate.update(images, wanted=["circle"] * 8)   # doctest: +SKIP
->>> rate.compute()                               # doctest: +SKIP
-{'rate': 0.125, 'count': 8}
+>>> rate = ConceptRate(lambda: classifier)                      # doctest: +SKIP
+>>> rate.update(images, axis="shape", wanted=["circle"] * 8)   # doctest: +SKIP
+>>> rate.compute()                                             # doctest: +SKIP
+{'all': 0.125}
 """
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-import torch
 from PIL import Image
 
+from efface.images import images_to_array, images_to_tensor  # noqa: F401  (the metrics' image helpers)
+from efface.io import file_sha256  # noqa: F401  (provenance of evaluator weights)
 from efface.registry import METRICS
-from efface.toy.classifier import images_to_tensor as array_to_tensor
 
 
 class Metric(ABC):
@@ -61,22 +58,3 @@ def register_metric(name: str):
         return METRICS.register(name)(cls)
 
     return decorator
-
-
-def images_to_array(images: Sequence[Image.Image]) -> np.ndarray:
-    """uint8 N x H x W x 3."""
-    return np.stack([np.asarray(im.convert("RGB")) for im in images])
-
-
-def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """float N x 3 x H x W in [0, 1]."""
-    return array_to_tensor(images_to_array(images))
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (for provenance of evaluator weights)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -4,11 +4,15 @@ Li et al., "Your Diffusion Model is Secretly a Zero-Shot Classifier" (ICCV 2023,
 An image ``x`` is assigned the candidate prompt ``c`` whose conditioning best predicts the noise
 added to it: ``argmin_c E_{t, eps} || eps - eps_theta(sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t, c) ||^2``
 (a Monte Carlo estimate of the ELBO of ``log p(x | c)``), with ``x_0`` the VAE latent of the image.
+Any model family (:mod:`efface.models.families`): the forward process and the regression target are
+:func:`~efface.models.diffusion.add_noise`'s (the noise on epsilon models, v on v-prediction, the
+velocity ``eps - x_0`` on flow matching, where ``x_t = (1 - t/T) x_0 + (t/T) eps``).
 
 * One seeded noise bank of ``(t_k, eps_k)`` pairs is shared by every candidate (the paper's variance
-  reduction: candidates are compared on the same noise) and by every image.
-* The ``t_k`` are evenly spaced over the scheduler's ``T`` training steps (1000 for SD): stride
-  ``T // n``, starting half a stride in (official code, ``eval_prob_adaptive.py``).
+  reduction: candidates are compared on the same noise) and by every image: the noise of one
+  ``add_noise`` call over all the pairs, from a generator seeded ``seed`` anew for each image.
+* The ``t_k`` are evenly spaced over the model's ``T`` training steps (1000; flow: ``t = 1000 sigma``):
+  stride ``T // n``, starting half a stride in (official code, ``eval_prob_adaptive.py``).
 * Adaptive evaluation (the paper's, official ``eval_prob_adaptive.py``): stage ``s`` evaluates ``n_samples[s]`` evenly spaced
   pairs (those not yet evaluated) for the surviving candidates, then keeps the ``to_keep[s]`` with
   the lowest mean error over all pairs they have seen.
@@ -39,7 +43,9 @@ from tqdm.auto import tqdm
 
 from efface.errors import InputError
 from efface.metrics.base import Metric, register_metric
-from efface.models.text import check_fits, encode
+from efface.models.diffusion import add_noise, num_train_timesteps, predict
+from efface.models.families import Conditioning, family_of
+from efface.models.text import check_prompt, encode
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +63,9 @@ class DiffusionClassifierConfig:
     to_keep: tuple[int, ...] = field(default=(5, 1), metadata={
         "help": "candidates kept after each stage, lowest mean error first (official --to_keep 5 1)"})
     n_trials: int = field(default=1, metadata={"help": "noise draws per timestep (official --n_trials 1)"})
-    loss: str = field(default="l2", metadata={"help": "error between noise and prediction: l2, l1 or huber "
+    loss: str = field(default="l2", metadata={"help": "error between target and prediction: l2, l1 or huber "
                                                       "(official --loss, default l2)"})
-    batch_size: int = field(default=32, metadata={"help": "(timestep, noise, prompt) triples per UNet call "
+    batch_size: int = field(default=32, metadata={"help": "(timestep, noise, prompt) triples per denoiser call "
                                                           "(official --batch_size 32)"})
 
     def __post_init__(self) -> None:
@@ -82,7 +88,7 @@ class DiffusionClassifierConfig:
         return cls(**{"n_samples": (8, 32), "to_keep": (2, 1), **overrides})
 
     def exhaustive_evaluations(self, n_candidates: int) -> int:
-        """UNet evaluations per image without pruning: every candidate on every pair."""
+        """Denoiser evaluations per image without pruning: every candidate on every pair."""
         return n_candidates * max(self.n_samples) * self.n_trials
 
 
@@ -114,40 +120,39 @@ class DiffusionScores:
 class DiffusionClassifier:
     """Zero-shot classification of images among candidate prompts with a text-to-image pipeline.
 
-    ``pipe``: a Stable-Diffusion-style pipeline (``vae``, ``unet``, ``tokenizer``, ``text_encoder``,
-    a scheduler with ``alphas_cumprod``) or a factory returning one. ``seed`` draws the noise bank.
-    ``unet_evaluations`` counts every sample passed through the UNet since construction.
+    ``pipe``: a pipeline of any model family efface knows (:func:`~efface.models.families.family_of`)
+    or a factory returning one. ``seed`` draws the noise bank. ``unet_evaluations`` counts every
+    sample passed through the denoiser (UNet or transformer) since construction.
     """
 
     def __init__(self, pipe: Any, config: DiffusionClassifierConfig | None = None, *, seed: int = 0,
                  progress: bool = True):
-        self.pipe = pipe() if callable(pipe) and not hasattr(pipe, "unet") else pipe  # a pipeline or a factory
+        from diffusers import DiffusionPipeline
+
+        self.pipe = pipe() if callable(pipe) and not isinstance(pipe, DiffusionPipeline) else pipe  # or a factory
         self.config = config or DiffusionClassifierConfig()
         self.seed, self.progress = seed, progress
         self.unet_evaluations = 0
         _check_pipeline(self.pipe)
-        unet, scheduler = self.pipe.unet, self.pipe.scheduler
+        self.family = family_of(self.pipe)
         total = max(self.config.n_samples)
-        self.timesteps = torch.tensor(timestep_schedule(scheduler.config.num_train_timesteps, total))
-        self.alphas_cumprod = scheduler.alphas_cumprod.float().cpu()  # a_t (alpha-bar) of the paper
-        size = unet.config.sample_size
-        self.latent_hw = (size, size) if isinstance(size, int) else tuple(size)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        self.timesteps = torch.tensor(timestep_schedule(num_train_timesteps(self.pipe), total))
         # noise bank: row k * n_trials + j is eps for position k (timestep self.timesteps[k]), trial j
-        self.noise = torch.randn((total * self.config.n_trials, unet.config.in_channels, *self.latent_hw),
-                                 generator=generator)
+        self.bank_timesteps = self.timesteps.repeat_interleave(self.config.n_trials)
+        self.latent_shape = self.family.latent_shape(self.pipe)  # C x h x w
 
     @torch.no_grad()
     def scores(self, images: Sequence[Image.Image], candidates: Sequence[str]) -> DiffusionScores:
         """Mean errors of every candidate on every image, with adaptive pruning."""
         self._check(images, candidates)
-        emb = encode(self.pipe, list(candidates)).to(self.pipe.unet.device, self.pipe.unet.dtype)
+        den = self.family.denoiser(self.pipe)
+        cond = encode(self.pipe, list(candidates)).to(den.device, den.dtype)
         before = self.unet_evaluations
         errors, pairs, preds = [], [], []
         for image in tqdm(images, desc="diffusion classifier", disable=not self.progress or len(images) < 8):
-            err, n, pred = self._classify_one(self._latent(image), emb)
+            err, n, pred = self._classify_one(self._latent(image), cond)
             errors.append(err), pairs.append(n), preds.append(pred)
-        log.info("diffusion classifier: %d images x %d candidates, %d UNet evaluations", len(images),
+        log.info("diffusion classifier: %d images x %d candidates, %d denoiser evaluations", len(images),
                  len(candidates), self.unet_evaluations - before)
         return DiffusionScores(torch.stack(errors), torch.stack(pairs), preds)
 
@@ -160,7 +165,7 @@ class DiffusionClassifier:
             raise InputError(f"the diffusion classifier needs at least two candidate prompts to choose between, "
                              f"got {list(candidates)}; pass e.g. ['a circle', 'a square']")
         for c in candidates:
-            check_fits(self.pipe.tokenizer, c, "candidate prompt")
+            check_prompt(self.pipe, c, "candidate prompt")
         if len(images) == 0:
             raise InputError("no images to classify; pass a non-empty list of PIL images")
         bad = [type(im).__name__ for im in images if not isinstance(im, Image.Image)]
@@ -168,68 +173,64 @@ class DiffusionClassifier:
             raise InputError(f"images must be PIL images, got {bad[0]}; convert arrays with PIL.Image.fromarray")
 
     def _latent(self, image: Image.Image) -> torch.Tensor:
-        """x_0: the VAE posterior mean (as the official code) times the scaling factor, float32 1 x C x h x w."""
-        vae, factor = self.pipe.vae, self.pipe.vae_scale_factor
-        h, w = self.latent_hw[0] * factor, self.latent_hw[1] * factor
+        """x_0: the VAE posterior mean (as the official code), scaled (and shifted) as the denoiser
+        reads latents, float32 1 x C x h x w on the CPU."""
+        factor = self.pipe.vae_scale_factor
+        h, w = self.latent_shape[1] * factor, self.latent_shape[2] * factor
         image = image.convert("RGB")
         if image.size != (w, h):
             image = ImageOps.fit(image, (w, h), method=Image.Resampling.BICUBIC)  # resize + centre crop
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-        latent = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latent - shift) * vae.config.scaling_factor).float().cpu()
+        return self.family.encode_images(self.pipe, x).float().cpu()  # no generator: the mean
 
-    def _classify_one(self, latent: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        k, total, trials = emb.shape[0], len(self.timesteps), self.config.n_trials
+    def _classify_one(self, latent: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor, int]:
+        k, total, trials = len(cond), len(self.timesteps), self.config.n_trials
         sums, counts = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.long)
         remaining, seen = list(range(k)), set()
+        bank = self._noised(latent)
         for n, keep in zip(self.config.n_samples, self.config.to_keep):
             new = [p for p in stage_positions(total, n) if p not in seen]
             seen.update(new)
             rows = [p * trials + j for p in new for j in range(trials)]
             jobs = [(c, r) for c in remaining for r in rows]
-            for (c, _), e in zip(jobs, self._errors(latent, emb, jobs) if jobs else []):
+            for (c, _), e in zip(jobs, self._errors(bank, cond, jobs) if jobs else []):
                 sums[c] += float(e)
                 counts[c] += 1
             means = sums / counts.clamp(min=1)
             remaining = sorted(remaining, key=lambda c: (float(means[c]), c))[:keep]  # ties: lower index
         return sums / counts, counts, remaining[0]
 
-    def _errors(self, latent: torch.Tensor, emb: torch.Tensor, jobs: list[tuple[int, int]]) -> torch.Tensor:
-        """Per job (candidate, noise-bank row): the loss between target and the UNet's prediction."""
-        unet, out = self.pipe.unet, []
-        loss, x0 = LOSSES[self.config.loss], latent
+    def _noised(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, target)`` of every noise-bank row for ``latent`` (the forward process and what the
+        model predicts there: :func:`~efface.models.diffusion.add_noise`), on the CPU; the noise is
+        drawn from a generator seeded ``seed`` anew, so every image gets the same bank."""
+        x0 = latent.expand(len(self.bank_timesteps), *latent.shape[1:])
+        return add_noise(self.pipe, x0, self.bank_timesteps, torch.Generator("cpu").manual_seed(self.seed))
+
+    def _errors(self, bank: tuple[torch.Tensor, torch.Tensor], cond: Conditioning,
+                jobs: list[tuple[int, int]]) -> torch.Tensor:
+        """Per job (candidate, noise-bank row): the loss between the target and the model's output."""
+        den, out = self.family.denoiser(self.pipe), []
+        loss, (x_t_bank, target_bank) = LOSSES[self.config.loss], bank
         for start in range(0, len(jobs), self.config.batch_size):
             cand, rows = (torch.tensor(x) for x in zip(*jobs[start : start + self.config.batch_size]))
-            noise = self.noise[rows]
-            t = self.timesteps[rows // self.config.n_trials]
-            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # forward process q(x_t | x_0)
-            target = noise if _prediction_type(self.pipe) == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-            pred = unet(x_t.to(unet.device, unet.dtype), t.to(unet.device),
-                        encoder_hidden_states=emb[cand.to(emb.device)]).sample
+            x_t, target, t = x_t_bank[rows], target_bank[rows], self.bank_timesteps[rows]
+            pred = predict(self.pipe, x_t.to(den.device, den.dtype), t.to(den.device), cond[cand.to(cond.device)])
             self.unet_evaluations += len(rows)
             out.append(loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
         return torch.cat(out)
 
 
-def _prediction_type(pipe) -> str:
-    return getattr(pipe.scheduler.config, "prediction_type", "epsilon")
-
-
 def _check_pipeline(pipe) -> None:
-    missing = [n for n in ("vae", "unet", "tokenizer", "text_encoder", "scheduler") if getattr(pipe, n, None) is None]
+    family = family_of(pipe)  # refuses a pipeline of no known family, listing the supported ones
+    needed = ("vae", family.denoiser_name, family.tokenizers[0], family.text_encoders[0], "scheduler")
+    missing = [n for n in needed if getattr(pipe, n, None) is None]
     if missing:
-        raise InputError(f"the diffusion classifier needs a Stable-Diffusion-style pipeline; this one has no "
+        raise InputError(f"the diffusion classifier needs a complete {family.name} pipeline; this one has no "
                          f"{', '.join(missing)}. Load one with efface.load_pipeline")
-    if getattr(pipe.unet.config, "addition_embed_type", None) is not None:
-        raise InputError("SDXL-style UNets (added text/time embeddings) are not supported by the diffusion "
-                         "classifier yet; use an SD 1.x / 2.x pipeline")
-    if getattr(pipe.scheduler, "alphas_cumprod", None) is None:
-        raise InputError(f"scheduler {type(pipe.scheduler).__name__} has no alphas_cumprod; give the pipeline a "
-                         "DDPM/DDIM-family scheduler, e.g. DDIMScheduler.from_config(pipe.scheduler.config)")
-    if _prediction_type(pipe) not in ("epsilon", "v_prediction"):
-        raise InputError(f"prediction_type {_prediction_type(pipe)!r} is not supported; epsilon or v_prediction")
+    kind = family.prediction_type(pipe)
+    if kind not in ("epsilon", "v_prediction", "flow"):
+        raise InputError(f"prediction_type {kind!r} is not supported; epsilon, v_prediction or flow matching")
 
 
 @register_metric("diffusion-classifier")
@@ -263,5 +264,5 @@ class DiffusionClassifierRate(Metric):
                 "evaluator": {"name": "diffusion-classifier", "paper": PAPER,
                               "model": getattr(pipe.config, "_name_or_path", None) or type(pipe).__name__,
                               "config": asdict(self.classifier.config), "seed": self.classifier.seed,
-                              "decision": "lowest mean noise-prediction error, adaptive pruning"},
+                              "decision": "lowest mean denoising error (the model's own target), adaptive pruning"},
                 "candidates": self.candidates, "target": self.target}

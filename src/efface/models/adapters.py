@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from efface.errors import ModelLoadError
+from efface.models.families import family_of
 from efface.registry import Registry
 
 ADAPTERS: Registry = Registry("adapter")
@@ -64,8 +65,9 @@ class Adapter(torch.nn.Module, ABC):
         """Attach to ``pipe``; every change registered with ``handle.on_remove``."""
 
     def install(self, pipe) -> Installed:
-        """Attach to ``pipe`` (moved to its UNet's device and dtype) until ``remove()``."""
-        self.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+        """Attach to ``pipe`` (moved to its denoiser's device and dtype) until ``remove()``."""
+        denoiser = family_of(pipe).denoiser(pipe)
+        self.to(device=denoiser.device, dtype=denoiser.dtype)
         handle = Installed()
         try:
             self._attach(pipe, handle)

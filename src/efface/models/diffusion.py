@@ -1,8 +1,9 @@
-"""Diffusion helpers shared by fine-tuning erasure methods: noise prediction with or without
-classifier-free guidance, seeded partial DDIM sampling, frozen copies and a small training loop.
+"""Diffusion helpers shared by erasure methods and attacks, for every model family: the denoiser's
+prediction with or without classifier-free guidance, the forward process and its training target,
+seeded partial sampling, frozen copies, a small training loop and the count of denoiser evaluations.
 
-Nothing here knows about any method: ESD, Concept Ablation and later fine-tuning methods build
-their losses from these pieces.
+Each helper asks the pipeline's family (:mod:`efface.models.families`); nothing here knows about
+any method: ESD, Concept Ablation and later methods build their losses from these pieces.
 """
 
 from __future__ import annotations
@@ -13,78 +14,70 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from efface.errors import InputError, TrainingDiverged
+from efface.models.families import Conditioning, denoiser_classes, family_of
 from efface.models.params import named_parameters, select
 
 log = logging.getLogger(__name__)
 
 
-def _batched(emb: torch.Tensor, n: int) -> torch.Tensor:
-    return emb.expand(n, *emb.shape[1:]) if emb.shape[0] == 1 and n > 1 else emb
+def predict(pipe, x_t: torch.Tensor, t, cond: Conditioning, guidance: float | None = None,
+            uncond: Conditioning | None = None, *, denoiser: torch.nn.Module | None = None) -> torch.Tensor:
+    """The denoiser's output (epsilon, v or flow velocity: :func:`add_noise`'s target) at
+    ``(x_t, t)`` given ``cond``; with ``guidance`` w and ``uncond``, the classifier-free guided
+    ``out_u + w (out_c - out_u)`` in one batched call. ``denoiser``: a frozen copy instead of the
+    pipeline's own. Conditionings of batch 1 are broadcast."""
+    return family_of(pipe).predict(pipe, x_t, t, cond, guidance, uncond, denoiser=denoiser)
 
 
-def predict_noise(unet, x_t: torch.Tensor, t, text_emb: torch.Tensor, guidance: float | None = None,
-                  uncond_emb: torch.Tensor | None = None) -> torch.Tensor:
-    """epsilon(x_t, t, c); with ``guidance`` w and ``uncond_emb``, the classifier-free guided
-    e_u + w (e_c - e_u), computed in one batched UNet call. Embeddings of batch 1 are broadcast."""
-    n = x_t.shape[0]
-    cond = _batched(text_emb, n).to(x_t.dtype)
-    if guidance is None or guidance == 1.0 or uncond_emb is None:
-        return unet(x_t, t, encoder_hidden_states=cond).sample
-    uncond = _batched(uncond_emb, n).to(x_t.dtype)
-    tt = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 and t.numel() == n else t
-    e_u, e_c = unet(torch.cat([x_t, x_t]), tt, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-    return e_u + guidance * (e_c - e_u)
+def sampler(pipe, num_steps: int):
+    """A private sampler with the pipeline's noise schedule, set to ``num_steps`` steps (DDIM on
+    UNets, flow-matching Euler on transformers); its ``timesteps`` are the steps' timesteps."""
+    return family_of(pipe).scheduler(pipe, num_steps)
 
 
-def ddim_scheduler(pipe, num_steps: int) -> DDIMScheduler:
-    """A private DDIM scheduler with the pipeline's noise schedule, set to ``num_steps`` steps."""
-    if num_steps < 1:
-        raise InputError(f"the number of DDIM steps must be at least 1, not {num_steps}")
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_steps, device=pipe.unet.device)
-    return scheduler
+def initial_latents(pipe, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """x_T ~ N(0, I) at the denoiser's native latent size (B x C x H x W), drawn on the CPU."""
+    return family_of(pipe).initial_latents(pipe, batch, generator)
 
 
-def initial_latents(unet, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """x_T ~ N(0, I) at the UNet's native latent size, drawn on the CPU from ``generator``."""
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    x = torch.randn((batch, unet.config.in_channels, h, w), generator=generator)
-    return x.to(unet.device, unet.dtype)
+def add_noise(pipe, x0: torch.Tensor, t, generator: torch.Generator | None,
+              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process q(x_t | x_0) at ``t`` (an int or one timestep per row, on the
+    0 .. ``num_train_timesteps`` scale), noise drawn from ``generator``: ``(x_t, target)``, the
+    target being what the denoiser predicts there (the noise for epsilon models, v for
+    v-prediction, ``noise - x_0`` for flow matching). ``noise``: use this noise instead of drawing it."""
+    return family_of(pipe).add_noise(pipe, x0, t, generator, noise)
 
 
-def add_noise(pipe, x0: torch.Tensor, t, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward process q(x_t | x_0): ``(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, eps)`` with
-    ``eps ~ N(0, I)`` drawn from ``generator``; ``t`` an int or one timestep per row."""
-    a = pipe.scheduler.alphas_cumprod[t].to(x0.device, x0.dtype)
-    a = a.view(-1, 1, 1, 1) if a.dim() else a
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
+def num_train_timesteps(pipe) -> int:
+    return family_of(pipe).num_train_timesteps(pipe)
 
 
 @torch.no_grad()
-def sample_to(pipe, cond_emb: torch.Tensor, uncond_emb: torch.Tensor | None, stop_index: int, num_steps: int,
+def sample_to(pipe, cond: Conditioning, uncond: Conditioning | None, stop_index: int, num_steps: int,
               guidance: float, generator: torch.Generator, latents: torch.Tensor | None = None, *,
-              unet=None, eta: float = 0.0) -> torch.Tensor:
-    """Run the first ``stop_index`` of ``num_steps`` DDIM steps from x_T and return the latent there.
+              denoiser: torch.nn.Module | None = None, eta: float = 0.0) -> torch.Tensor:
+    """Run the first ``stop_index`` of ``num_steps`` sampling steps from x_T and return the latent there.
 
-    The result sits at timestep ``ddim_scheduler(pipe, num_steps).timesteps[stop_index]`` (for
-    ``stop_index == num_steps``: the final x_0). ``unet`` defaults to ``pipe.unet``; ``latents`` to
-    fresh noise, one per row of ``cond_emb``; ``eta > 0`` is stochastic DDIM, seeded by ``generator``.
+    The result sits at timestep ``sampler(pipe, num_steps).timesteps[stop_index]`` (for
+    ``stop_index == num_steps``: the final x_0). ``denoiser`` defaults to the pipeline's own;
+    ``latents`` to fresh noise, one per row of ``cond``; ``eta > 0`` is stochastic DDIM, seeded by
+    ``generator`` (UNet families).
     """
-    unet = unet if unet is not None else pipe.unet
+    family = family_of(pipe)
     if not 0 <= stop_index <= num_steps:
         raise InputError(f"stop_index must be in [0, {num_steps}], not {stop_index}")
-    scheduler = ddim_scheduler(pipe, num_steps)
-    x = initial_latents(unet, cond_emb.shape[0], generator) if latents is None else latents.to(unet.device, unet.dtype)
-    x = x * scheduler.init_noise_sigma
+    scheduler = family.scheduler(pipe, num_steps)
+    den = denoiser if denoiser is not None else family.denoiser(pipe)
+    x = family.initial_latents(pipe, len(cond), generator) if latents is None else latents.to(den.device, den.dtype)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     for t in scheduler.timesteps[:stop_index]:
-        eps = predict_noise(unet, scheduler.scale_model_input(x, t), t, cond_emb, guidance, uncond_emb)
-        x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
+        out = family.predict(pipe, scale(x, t), t, cond, guidance, uncond, denoiser=den)
+        x = family.step(scheduler, out, t, x, eta, generator)
     return x
 
 
@@ -96,7 +89,8 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def trainable(pipe, parameter_set: str) -> dict[str, torch.nn.Parameter]:
-    """Freeze the UNet and text encoder, then let only ``parameter_set`` require gradients."""
+    """Freeze every trainable component (denoiser, text encoders), then let only ``parameter_set``
+    require gradients."""
     for _, _, p in named_parameters(pipe):
         p.requires_grad_(False)
     params = select(pipe, parameter_set)
@@ -154,25 +148,25 @@ def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Pa
     return losses
 
 
-class UNetCount:
-    """Number of UNet evaluations (one per sample in a batch) seen by :func:`count_unet_evaluations`."""
+class EvaluationCount:
+    """Number of denoiser evaluations (one per sample in a batch) seen by :func:`count_denoiser_evaluations`."""
 
     def __init__(self) -> None:
         self.value = 0
 
 
 @contextmanager
-def count_unet_evaluations():
-    """Count, inside the block, every sample passed through any diffusers UNet (the pipeline's own,
-    frozen copies, sampling and training): ``with count_unet_evaluations() as n: ...; n.value``.
-    The forward hook is torch's module-level one, removed when the block ends."""
-    from diffusers import UNet2DConditionModel
-
-    count = UNetCount()
+def count_denoiser_evaluations():
+    """Count, inside the block, every sample passed through any family's denoiser (UNet, SD3 or Flux
+    transformer: the pipeline's own, frozen copies, sampling and training):
+    ``with count_denoiser_evaluations() as n: ...; n.value``. The forward hook is torch's
+    module-level one, removed when the block ends."""
+    classes = denoiser_classes()
+    count = EvaluationCount()
 
     def hook(module, args, kwargs, output):
-        if isinstance(module, UNet2DConditionModel):
-            sample = args[0] if args else kwargs.get("sample")
+        if isinstance(module, classes):
+            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
             count.value += int(sample.shape[0]) if sample is not None else 1
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
@@ -180,3 +174,6 @@ def count_unet_evaluations():
         yield count
     finally:
         handle.remove()
+
+
+count_unet_evaluations = count_denoiser_evaluations  # the older name

@@ -1,73 +1,46 @@
-"""Named parameter sets of a UNet / text encoder, as erasure papers name them.
+"""Named parameter sets, as erasure papers name them, for every model family.
 
-Names follow diffusers' module names, so the same set selects the same layers on toy-sd, SD 1.x/2.x
-and SDXL. ESD's sets follow the official code (github.com/rohitgandikota/erasing):
-
-* ``xattn``: every parameter of the cross-attention modules (``attn2``): ESD-x;
-* ``xattn_kv``: the cross-attention key and value projections (``attn2.to_k`` / ``attn2.to_v``):
-  UCE, RECE, Concept Ablation, ESD-x-strict;
-* ``noxattn``: everything but cross-attention, time embedding and the output layer (its norm and
-  conv): ESD-u;
-* ``all``: every parameter: ESD-all;
-* ``text_encoder``: every text-encoder parameter.
-* ``text_encoder_layers``: the text encoder's transformer layers and final layer norm, not its
-  token / position embeddings (AdvUnlearn's ``text_encoder_full``).
+A set means the same idea on every family that has it (``xattn``: where the image reads the text;
+``xattn_kv``: what the text is projected to; ``noxattn``, ``all``, ``text_input``,
+``text_encoder``, ``text_encoder_layers``); each family spells it in its own module names
+(:mod:`efface.models.families.unet` and :mod:`efface.models.families.flow` say what each set
+selects, and which official script the choice follows). Parameters are keyed
+``"<component>.<name>"``: ``unet.down_blocks...``, ``transformer.transformer_blocks...``,
+``text_encoder_2.encoder...``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from efface.errors import InputError
-
-
-def _unet_only(rule: Callable[[str], bool]) -> Callable[[str, str], bool]:
-    return lambda component, name: component == "unet" and rule(name)
-
-
-PARAMETER_SETS: dict[str, Callable[[str, str], bool]] = {
-    "xattn": _unet_only(lambda n: ".attn2." in n),
-    "xattn_kv": _unet_only(lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n),
-    # CompVis "out." is the output GroupNorm + conv: diffusers' conv_norm_out and conv_out
-    "noxattn": _unet_only(lambda n: ".attn2." not in n
-                          and not n.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))),
-    "all": _unet_only(lambda n: True),
-    "text_encoder": lambda component, name: component == "text_encoder",
-    "text_encoder_layers": lambda component, name: component == "text_encoder" and ".embeddings." not in f".{name}",
-}
-COMPONENTS = ("unet", "text_encoder")
+from efface.models.families import family_of
 
 
 def select(pipe, parameter_set: str) -> dict[str, torch.nn.Parameter]:
-    """The parameters of ``parameter_set``, keyed ``"<component>.<parameter name>"``."""
-    if parameter_set not in PARAMETER_SETS:
-        raise InputError(f"unknown parameter set {parameter_set!r}; valid: {', '.join(PARAMETER_SETS)}")
-    rule = PARAMETER_SETS[parameter_set]
-    chosen = {f"{c}.{n}": p for c, n, p in named_parameters(pipe) if rule(c, n)}
-    if not chosen:
-        raise InputError(f"parameter set {parameter_set!r} selects nothing in this model")
-    return chosen
+    """The parameters of ``parameter_set`` in ``pipe``, keyed ``"<component>.<parameter name>"``."""
+    return family_of(pipe).select(pipe, parameter_set)
 
 
-def named_parameters(pipe):
-    """(component, name, parameter) for the UNet and the text encoder of ``pipe``."""
-    for component in COMPONENTS:
-        module = getattr(pipe, component, None)
-        if module is not None:
-            for name, p in module.named_parameters():
-                yield component, name, p
+def named_parameters(pipe, components: tuple[str, ...] | None = None):
+    """(component, name, parameter) for every trainable component of ``pipe`` (the denoiser, then each
+    text encoder), or only those in ``components``."""
+    return family_of(pipe).named_parameters(pipe, components)
+
+
+def components(pipe) -> tuple[str, ...]:
+    """The trainable components of ``pipe`` (``("unet", "text_encoder")`` on SD)."""
+    return family_of(pipe).components(pipe)
 
 
 def get_parameter(pipe, key: str) -> torch.nn.Parameter:
     """The parameter named ``"<component>.<name>"`` in ``pipe``."""
     component, _, name = key.partition(".")
-    if component not in COMPONENTS or getattr(pipe, component, None) is None:
+    if component not in components(pipe):
         raise KeyError(f"{key}: no component {component!r} in this pipeline")
     return getattr(pipe, component).get_parameter(name)
 
 
-def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
-    """The UNet's cross-attention modules (``...attn2``), by name."""
-    return {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
+def cross_attention_modules(pipe) -> dict[str, torch.nn.Module]:
+    """The denoiser's attention modules where the image reads the text, by name (found by what the
+    module is: ``is_cross_attention`` in UNets, joint attention in SD3 / Flux)."""
+    return family_of(pipe).cross_attention(pipe)

@@ -1,4 +1,10 @@
-"""Prompt encoding and token checks shared by methods and attacks."""
+"""Prompt encoding and token checks shared by methods and attacks.
+
+:func:`encode` goes through the pipeline's family (its own ``encode_prompt``) and returns a
+:class:`~efface.models.families.Conditioning` (token states and, where the family has one, the
+pooled embedding). The token helpers below (``tokenize``, ``framed_ids``, ``token_embedding``,
+``replaced_token_embeddings``) work on the first (CLIP) tokenizer and text encoder.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from efface.errors import InputError
+from efface.models.families import Conditioning, family_of
 
 
 def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
@@ -17,13 +24,22 @@ def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-def encode(pipe, prompts: list[str] | str, *, grad: bool = False) -> torch.Tensor:
-    """Text-encoder hidden states (B x T x D), as the pipeline conditions the UNet on them."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    ids = tokenize(pipe, prompts).to(pipe.text_encoder.device)
-    with torch.set_grad_enabled(grad):
-        return pipe.text_encoder(ids)[0]
+def encode(pipe, prompts: list[str] | str, *, grad: bool = False) -> Conditioning:
+    """The conditioning the pipeline's denoiser reads for ``prompts`` (B rows), through the
+    pipeline's own ``encode_prompt``; with ``grad``, gradients reach the text encoders."""
+    return family_of(pipe).encode(pipe, prompts, grad=grad)
+
+
+def fill(template: str, word: str) -> str:
+    """``template`` with ``word`` in its slot, spaces collapsed (``fill("a {}", "") == "a"``)."""
+    return " ".join(template.format(word).split()).strip(" ,")
+
+
+def word_end(tokenizer, template: str, word: str) -> int:
+    """Index, in the tokenized :func:`fill` (start token included), of the last token of ``word``;
+    for an empty word, of the last token before its slot (the start token if there is none)."""
+    head = fill(template[: template.index("{}")] + "{}", word)
+    return len(tokenizer(head).input_ids) - 2
 
 
 def token_count(tokenizer, text: str) -> int:
@@ -40,14 +56,14 @@ def check_fits(tokenizer, text: str, what: str = "concept") -> None:
         raise InputError(f"{what} {text!r} takes {n} tokens but the tokenizer keeps {limit}; shorten it")
 
 
+def check_prompt(pipe, text: str, what: str = "concept") -> None:
+    """Refuse ``text`` if it is empty or any of the pipeline's tokenizers would truncate it."""
+    family_of(pipe).check_fits(pipe, text, what)
+
+
 def model_family(pipe) -> str:
-    """``"sd"`` for Stable Diffusion 1.x/2.x-style pipelines (toy-sd included), ``"sdxl"`` for SDXL."""
-    name = type(pipe).__name__
-    if "XL" in name:
-        return "sdxl"
-    if name.startswith("StableDiffusion") and hasattr(pipe, "unet"):
-        return "sd"
-    return name
+    """The name of ``pipe``'s family (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``)."""
+    return family_of(pipe).name
 
 
 def framed_ids(tokenizer, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The toy world (shapes x colours x styles), toy-sd and the toy classifier.
 
 ``efface.toy.world`` holds the vocabulary and captions, ``efface.toy.draw`` the image generator,
-``efface.toy.train`` the training recipe of the bundled weights (``efface toy train``).
+``efface.toy.train`` the training recipe of the bundled weights (``efface toy train``);
+``efface.toy.presets`` / ``efface.toy.sources`` what toy runs hand to methods and attacks.
 """
 
 from pathlib import Path

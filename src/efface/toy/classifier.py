@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from efface.images import array_to_tensor
+from efface.io import file_sha256
 from efface.toy.loop import StepRandom
 from efface.toy.world import AXES
 
@@ -40,6 +42,7 @@ class ToyClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig | None = None):
         super().__init__()
         self.config = config or ClassifierConfig()
+        self.source: Path | None = None  # the directory it was loaded from
         w = self.config.width
         self.body = nn.Sequential(_block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w),
                                   nn.Flatten(), nn.Linear(4 * w * 16, self.config.features), nn.ReLU())
@@ -61,6 +64,12 @@ class ToyClassifier(nn.Module):
         return {axis: [AXES[axis][i] for i in logits.argmax(-1).tolist()]
                 for axis, logits in self(images).items()}
 
+    def provenance(self) -> dict:
+        """What judges (a metric's ``evaluator``): the weights' sha256 if loaded from a file."""
+        weights = self.source / "model.safetensors" if self.source is not None else None
+        return {"name": "toy-classifier", "weights_sha256": file_sha256(weights) if weights else None,
+                "decision": "argmax per axis (no threshold)"}
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -74,12 +83,8 @@ class ToyClassifier(nn.Module):
             raise FileNotFoundError(f"no toy classifier in {directory}; train one with `efface toy train`")
         model = cls(ClassifierConfig(**json.loads((directory / "config.json").read_text())))
         model.load_state_dict(load_file(directory / "model.safetensors"))
+        model.source = directory
         return model.eval()
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x 3 -> float N x 3 x H x W in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
 
 
 class ClassifierTrainer(nn.Module):
@@ -89,7 +94,7 @@ class ClassifierTrainer(nn.Module):
 
     def loss(self, r: StepRandom) -> torch.Tensor:
         idx = r.np.integers(len(self.images), size=self.batch)
-        x = images_to_tensor(self.images[idx])
+        x = array_to_tensor(self.images[idx])
         x = (x + 0.03 * torch.randn(x.shape, generator=r.torch)).clamp(0, 1)
         y = torch.from_numpy(self.labels[idx])
         logits = self.model(x)
@@ -102,6 +107,6 @@ def accuracy(model: ToyClassifier, images: np.ndarray, labels: np.ndarray) -> di
     model.eval()
     preds = {a: [] for a in AXES}
     for i in range(0, len(images), 500):
-        for a, logits in model(images_to_tensor(images[i : i + 500])).items():
+        for a, logits in model(array_to_tensor(images[i : i + 500])).items():
             preds[a].append(logits.argmax(-1))
     return {a: float((torch.cat(p).numpy() == labels[:, i]).mean()) for i, (a, p) in enumerate(preds.items())}

@@ -6,8 +6,9 @@ import random
 
 import numpy as np
 
+from efface.images import images_to_tensor
 from efface.sampling import GenerationConfig, generate_many
-from efface.toy.classifier import ToyClassifier, images_to_tensor
+from efface.toy.classifier import ToyClassifier
 from efface.toy.world import AXES, axis_of, caption, prompts_for, random_scene
 
 
@@ -26,7 +27,7 @@ def toy_accuracy(pipe, classifier: ToyClassifier, prompts: list[tuple[str, dict[
                  config: GenerationConfig | None = None, *, seed: int = 0) -> dict[str, float]:
     """Fraction of images in which the classifier finds each named concept, per axis."""
     images = generate_many(pipe, [p for p, _ in prompts], config, seed=seed)
-    x = images_to_tensor(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+    x = images_to_tensor(images)
     predicted = classifier.predict(x)
     result = {}
     for axis in AXES:

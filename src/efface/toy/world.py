@@ -63,6 +63,14 @@ HELDOUT_TEMPLATES: tuple[str, ...] = (
 SPLITS = ("train", "heldout")
 SLOTS = {"shape": "s", "colour": "c", "style": "t"}
 
+# toy-sd's training captions with the shape slot left open ("a red {}", "a striped picture of a red
+# {}"): the ``templates`` of the toy presets (efface.toy.presets), as the official codes use
+# phrasings of the captions their models were trained on ("image of {}", ChatGPT captions).
+TOY_CONTEXTS: tuple[str, ...] = (
+    "{}", "a {}", *(f"a {c} {{}}" for c in COLOURS),
+    *(f"a {t} picture of a {c} {{}}" for c in COLOURS for t in STYLES),
+)
+
 
 def axis_of(concept: str) -> str:
     """The axis ("shape", "colour" or "style") a canonical concept belongs to."""

@@ -1,50 +1,38 @@
-"""Metrics judged by an image classifier: concept rates and image drift (toy classifier by default).
+"""Metrics judged by an image classifier: concept rates and image drift.
 
 ``ConceptRate`` counts, per named group of prompts, how often the classifier finds the wanted
 concept on an axis; ``ImageDrift`` compares evaluated images with reference images (same prompts,
-same seeds) in the classifier's feature space. The classifier comes from a factory, so tests and
-other worlds can pass their own (anything with ``predict(x) -> {axis: [names]}`` and
-``features(x) -> N x D``, ``x`` float N x 3 x H x W in [0, 1]).
+same seeds) in the classifier's feature space. The classifier comes from a factory the caller
+hands in (the toy evaluation: the toy classifier; tests: their own): anything with
+``predict(x) -> {axis: [names]}`` and ``features(x) -> N x D``, ``x`` float N x 3 x H x W in
+[0, 1], and optionally ``provenance() -> dict`` (what the metrics' ``evaluator`` reports).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from efface.metrics.base import Metric, file_sha256, images_to_tensor, register_metric
+from efface.metrics.base import Metric, images_to_tensor, register_metric
 from efface.metrics.stats import feature_frechet_distance, kid, paired_rms
 
 
-def toy_classifier():
-    """The bundled toy classifier (the default judge)."""
-    from efface.toy import CLASSIFIER
-    from efface.toy.classifier import ToyClassifier
-
-    return ToyClassifier.load(CLASSIFIER)
-
-
 def _classifier_provenance(classifier) -> dict[str, Any]:
-    from efface.toy import CLASSIFIER
-
-    weights = Path(CLASSIFIER) / "model.safetensors"
-    if type(classifier).__name__ == "ToyClassifier" and weights.exists():
-        return {"name": "toy-classifier", "weights_sha256": file_sha256(weights),
-                "decision": "argmax per axis (no threshold)"}
-    return {"name": type(classifier).__name__}
+    """The classifier's own ``provenance()``, or its class name."""
+    describe = getattr(classifier, "provenance", None)
+    return describe() if callable(describe) else {"name": type(classifier).__name__}
 
 
 @register_metric("concept-rate")
 class ConceptRate(Metric):
     """Per group: the fraction of images in which the classifier finds the wanted concept."""
 
-    def __init__(self, classifier_factory: Callable[[], Any] = toy_classifier):
+    def __init__(self, classifier_factory: Callable[[], Any]):
         self.classifier = classifier_factory()
         super().__init__()
 
@@ -75,7 +63,7 @@ class ImageDrift(Metric):
     """Fréchet distance and KID between evaluated and reference images in the classifier's feature
     space, and the paired RMS pixel distance (in [0, 1]) of same-prompt, same-seed pairs."""
 
-    def __init__(self, classifier_factory: Callable[[], Any] = toy_classifier, *, kid_subsets: int = 20,
+    def __init__(self, classifier_factory: Callable[[], Any], *, kid_subsets: int = 20,
                  kid_subset_size: int = 100, seed: int = 0):
         self.classifier = classifier_factory()
         self.kid_subsets, self.kid_subset_size, self.seed = kid_subsets, kid_subset_size, seed

@@ -1,0 +1,143 @@
+"""What SD 1.x / 2.x and SDXL share: a ``UNet2DConditionModel`` with cross-attention, DDPM noise
+schedule (epsilon or v-prediction) and DDIM partial sampling.
+
+Named parameter sets (module names of diffusers' UNet; ESD's sets follow the official CompVis code,
+github.com/rohitgandikota/erasing):
+
+* ``xattn``: every parameter of the cross-attention modules (``Attention`` with
+  ``is_cross_attention``; ``attn2`` in SD): ESD-x;
+* ``xattn_kv``: their key and value projections ``to_k`` / ``to_v``: UCE, RECE, CA, ESD-x-strict;
+* ``noxattn``: every UNet parameter but cross-attention, the time embedding (SDXL: and
+  ``add_embedding``, the pooled-text path) and the output layer (``conv_norm_out``, ``conv_out``):
+  ESD-u;
+* ``all``: every UNet parameter: ESD-all;
+* ``text_input``: where text enters through a linear map of the encoder states: here the
+  cross-attention ``to_k`` / ``to_v`` (the same as ``xattn_kv``);
+* ``text_encoder``: every parameter of every text encoder; ``text_encoder_layers``: their
+  transformer layers and final norm, not the token / position embeddings (AdvUnlearn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+from efface.errors import InputError
+from efface.models.families.base import Conditioning, EditSite, Family, Rule, draw_noise
+
+UNET_SETS: dict[str, str] = {
+    "xattn": "every parameter of the cross-attention modules (ESD-x)",
+    "xattn_kv": "cross-attention to_k / to_v (UCE, RECE, CA, ESD-x-strict)",
+    "noxattn": "every UNet parameter but cross-attention, time / pooled-text embedding and output layer (ESD-u)",
+    "all": "every UNet parameter (ESD-all)",
+    "text_input": "where text enters the UNet linearly: cross-attention to_k / to_v",
+    "text_encoder": "every parameter of every text encoder",
+    "text_encoder_layers": "the text encoders' transformer layers and final norm, not their embeddings",
+}
+
+
+def text_encoder_rule(encoders: tuple[str, ...], layers_only: bool) -> Rule:
+    """Every text-encoder parameter, or (``layers_only``) all but the token / position embeddings
+    (CLIP ``embeddings.*``; T5 ``shared`` / ``embed_tokens``)."""
+
+    def rule(component: str, name: str) -> bool:
+        if component not in encoders:
+            return False
+        if not layers_only:
+            return True
+        return ".embeddings." not in f".{name}" and not name.startswith(("shared.", "encoder.embed_tokens."))
+
+    return rule
+
+
+def under(prefixes: set[str]) -> Callable[[str], bool]:
+    """``name`` lies inside one of the modules named ``prefixes``."""
+    dotted = tuple(f"{p}." for p in prefixes)
+    return lambda name: name.startswith(dotted) if dotted else False
+
+
+class UNetFamily(Family):
+    """Base of the UNet families: cross-attention found by ``is_cross_attention``, DDIM sampling."""
+
+    denoiser_name: ClassVar[str] = "unet"
+    parameter_sets: ClassVar[dict[str, str]] = UNET_SETS
+    # UNet parameters ESD-u leaves out besides cross-attention (CompVis: time_embed and out.)
+    not_noxattn: ClassVar[tuple[str, ...]] = ("time_embedding.", "conv_norm_out.", "conv_out.")
+
+    @classmethod
+    def denoiser_classes(cls) -> tuple[type, ...]:
+        from diffusers import UNet2DConditionModel
+
+        return (UNet2DConditionModel,)
+
+    def cross_attention(self, pipe) -> dict[str, torch.nn.Module]:
+        return {n: m for n, m in self.denoiser(pipe).named_modules() if getattr(m, "is_cross_attention", False)}
+
+    def rule(self, pipe, parameter_set: str) -> Rule:
+        den = self.denoiser_name
+        in_xattn = under(set(self.cross_attention(pipe)))
+        kv = lambda n: in_xattn(n) and n.rsplit(".", 2)[-2] in ("to_k", "to_v")  # noqa: E731
+        unet_rules = {
+            "xattn": in_xattn,
+            "xattn_kv": kv,
+            "text_input": kv,
+            "noxattn": lambda n: not in_xattn(n) and not n.startswith(self.not_noxattn),
+            "all": lambda n: True,
+        }
+        if parameter_set in unet_rules:
+            r = unet_rules[parameter_set]
+            return lambda component, name: component == den and r(name)
+        if parameter_set in ("text_encoder", "text_encoder_layers"):
+            return text_encoder_rule(self.text_encoders, parameter_set == "text_encoder_layers")
+        raise InputError(f"unknown parameter set {parameter_set!r}; valid: {', '.join(self.parameter_sets)}")
+
+    def edit_sites(self, pipe) -> list[EditSite]:
+        return [EditSite(k) for k in self.select(pipe, "xattn_kv") if k.endswith(".weight")]
+
+    def word_positions(self, pipe, template: str, word: str) -> list[int]:
+        from efface.models.text import word_end
+
+        return [word_end(self.tokenizer(pipe), template, word)]
+
+    def latent_shape(self, pipe) -> tuple[int, int, int]:
+        cfg = self.denoiser(pipe).config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return int(cfg.in_channels), int(h), int(w)
+
+    def add_noise(self, pipe, x0: torch.Tensor, t, generator: torch.Generator | None,
+                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        schedule = getattr(pipe.scheduler, "alphas_cumprod", None)
+        if schedule is None:
+            raise InputError(f"the pipeline's scheduler ({type(pipe.scheduler).__name__}) has no DDPM noise schedule "
+                             "(alphas_cumprod); load the model with its DDIM / DDPM / Euler scheduler")
+        a = schedule[torch.as_tensor(t).cpu()].to(x0.device, x0.dtype)
+        a = a.view(-1, 1, 1, 1) if a.dim() else a
+        noise = draw_noise(x0, generator, noise)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if self.prediction_type(pipe) == "v_prediction":
+            return x_t, a.sqrt() * noise - (1 - a).sqrt() * x0
+        return x_t, noise
+
+    def scheduler(self, pipe, num_steps: int):
+        from diffusers import DDIMScheduler
+
+        if num_steps < 1:
+            raise InputError(f"the number of sampling steps must be at least 1, not {num_steps}")
+        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(num_steps, device=self.denoiser(pipe).device)
+        return scheduler
+
+    def step(self, scheduler, out, t, x, eta, generator):
+        return scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
+
+    def _encode(self, pipe, prompts: list[str]) -> Conditioning:
+        device = getattr(pipe, self.text_encoders[0]).device
+        out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+        return self._conditioning(out)
+
+    def _conditioning(self, out) -> Conditioning:
+        return Conditioning(out[0])
