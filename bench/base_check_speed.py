@@ -32,7 +32,7 @@ def sd14_pipeline(dtype: torch.dtype):
                                         max_position_embeddings=tokenizer.model_max_length,
                                         bos_token_id=0, eos_token_id=1, pad_token_id=1)).to(dtype)
     return StableDiffusionPipeline(vae=None, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 

@@ -82,6 +82,20 @@ def test_forward_process_and_target_give_back_x0(name, pipes):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_predicted_x0_and_noise_invert_the_forward_process(name, pipes):
+    """Given the true target as the model's output, the seam gives back x0 and the noise."""
+    pipe = pipes[name]
+    family = family_of(pipe)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(3, *family.latent_shape(pipe), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([20, 400, 980])
+    x_t, target = add_noise(pipe, x0, t, None, noise)
+    torch.testing.assert_close(family.predicted_x0(pipe, x_t, t, target), x0, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(family.predicted_noise(pipe, x_t, t, target), noise, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_guidance_is_one_batched_call_of_the_two_predictions(name, pipes):
     pipe = pipes[name]
     family = family_of(pipe)

@@ -95,12 +95,8 @@ def target_latents(pipe, images: list) -> torch.distributions.Distribution:
     denoiser's device."""
     pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
                           for im in images]).permute(0, 3, 1, 2) / 127.5 - 1
-    vae, den = pipe.vae, family_of(pipe).denoiser(pipe)
     with torch.no_grad():
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
-    return torch.distributions.Normal(((dist.mean - shift) * scale).to(den.device, den.dtype),
-                                      (dist.std * scale).to(den.device, den.dtype))
+        return family_of(pipe).latent_distribution(pipe, pixels)
 
 
 @dataclass

@@ -316,8 +316,7 @@ class MACE(ErasureMethod[MACEConfig]):
     def _segment(self, pipe, x0: torch.Tensor, concept: str) -> torch.Tensor:
         from PIL import Image
 
-        vae = pipe.vae
-        pixels = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample
+        pixels = family_of(pipe).decode_latents(pipe, x0)
         arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         masks = torch.as_tensor(np.asarray(self.segmenter([Image.fromarray(a) for a in arrays], concept)))
         if masks.ndim != 3 or masks.shape[0] != len(x0):

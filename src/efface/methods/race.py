@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from efface.errors import InputError
 from efface.methods.base import ErasureRequest, register_method
 from efface.methods.esd import ESD, ESDConfig
 from efface.models.diffusion import frozen_copy, predict
@@ -62,25 +61,11 @@ class RACEConfig(ESDConfig):
         self.check_choices(train_method=tuple(TRAIN_METHODS))
 
 
-def predicted_noise(pipe, out: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-    """The noise epsilon a UNet output stands for at ``(x_t, t)``: the output itself on epsilon
-    models; ``sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` on v-prediction models (SD 2.x 768), so that
-    PGD's target is x_T's noise on both. (The seam has no output -> epsilon conversion yet.)"""
-    kind = family_of(pipe).prediction_type(pipe)
-    if kind == "epsilon":
-        return out
-    if kind != "v_prediction":
-        raise InputError(f"RACE's PGD target is a noise; no conversion from {kind!r} outputs")
-    a = pipe.scheduler.alphas_cumprod[torch.as_tensor(t).cpu()].to(out.device, out.dtype)
-    a = a.view(-1, 1, 1, 1) if a.dim() else a
-    return a.sqrt() * out + (1 - a).sqrt() * x_t
-
-
 def pgd_embedding(pipe, c: Conditioning, x_t: torch.Tensor, t, target: torch.Tensor, epsilon: float, steps: int,
                   generator: torch.Generator, *, denoiser: torch.nn.Module | None = None) -> Conditioning:
     """``c`` with its token sequence ``c.embeds + delta``, ``delta`` in the L-inf ball of radius
     ``epsilon`` minimising ``|| target - eps(x_t, t, c + delta) ||^2`` (``target`` a noise; ``eps``
-    the pipeline's denoiser, or ``denoiser``, through :func:`predicted_noise`) by ``steps``
+    the pipeline's denoiser, or ``denoiser``, through the family's ``predicted_noise``) by ``steps``
     signed-gradient steps of ``epsilon / 4`` from a uniform random start; the pooled part (SDXL) is
     kept. The denoiser's parameters get no gradient."""
     emb = c.embeds.detach()
@@ -88,7 +73,7 @@ def pgd_embedding(pipe, c: Conditioning, x_t: torch.Tensor, t, target: torch.Ten
     for _ in range(steps):
         delta.requires_grad_(True)
         out = predict(pipe, x_t, t, c.with_embeds(emb + delta), denoiser=denoiser)
-        loss = F.mse_loss(predicted_noise(pipe, out, x_t, t).float(), target.float())
+        loss = F.mse_loss(family_of(pipe).predicted_noise(pipe, x_t, t, out).float(), target.float())
         (grad,) = torch.autograd.grad(loss, delta)
         delta = (delta.detach() - epsilon / 4 * grad.sign()).clamp(-epsilon, epsilon)
     return c.with_embeds((emb + delta).detach()).detach()

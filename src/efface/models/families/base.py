@@ -260,12 +260,36 @@ class Family:
         return x.to(den.device, den.dtype)
 
     def encode_images(self, pipe, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents of images in [-1, 1] (B x 3 x H x W), scaled (and shifted) as the denoiser reads them."""
+        """VAE latents of images in [-1, 1] (B x 3 x H x W), scaled (and shifted) as the denoiser reads
+        them: a sample drawn with ``generator``, or the mode without one."""
         vae = pipe.vae
         dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
         z = dist.sample(generator) if generator is not None else dist.mode()
         shift = vae.config.get("shift_factor") or 0.0
         return (z - shift) * vae.config.scaling_factor
+
+    def latent_distribution(self, pipe, images: torch.Tensor) -> torch.distributions.Normal:
+        """The VAE posterior of images in [-1, 1], scaled (and shifted) as :meth:`encode_images`,
+        on the denoiser's device and dtype."""
+        vae, den = pipe.vae, self.denoiser(pipe)
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+        return torch.distributions.Normal(((dist.mean - shift) * scale).to(den.device, den.dtype),
+                                          (dist.std * scale).to(den.device, den.dtype))
+
+    def decode_latents(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B x 3 x H x W) of denoiser-side latents (the inverse of :meth:`encode_images`)."""
+        vae = pipe.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+
+    def predicted_x0(self, pipe, x_t: torch.Tensor, t, out: torch.Tensor) -> torch.Tensor:
+        """The clean latent the model output ``out`` at ``(x_t, t)`` stands for (float32)."""
+        raise NotImplementedError
+
+    def predicted_noise(self, pipe, x_t: torch.Tensor, t, out: torch.Tensor) -> torch.Tensor:
+        """The noise the model output ``out`` at ``(x_t, t)`` stands for (epsilon models: ``out``)."""
+        raise NotImplementedError
 
     def generation_kwargs(self, guidance: float, negative_prompt: str | None) -> dict:
         """``pipe(...)`` keyword arguments for classifier-free guidance ``guidance``."""

@@ -114,10 +114,20 @@ class FlowFamily(Family):
 
     def add_noise(self, pipe, x0: torch.Tensor, t, generator: torch.Generator | None,
                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        sigma = (torch.as_tensor(t, dtype=torch.float32) / self.num_train_timesteps(pipe)).to(x0.device, x0.dtype)
-        sigma = sigma.view(-1, 1, 1, 1) if sigma.dim() else sigma
+        sigma = self.sigma(pipe, t, x0).to(x0.dtype)
         noise = draw_noise(x0, generator, noise)
         return (1 - sigma) * x0 + sigma * noise, noise - x0
+
+    def sigma(self, pipe, t, like: torch.Tensor) -> torch.Tensor:
+        """sigma = t / 1000 at ``t`` (an int or one per row), float32, shaped to broadcast over ``like``."""
+        s = (torch.as_tensor(t, dtype=torch.float32) / self.num_train_timesteps(pipe)).to(like.device)
+        return s.view(-1, *([1] * (like.dim() - 1))) if s.dim() else s
+
+    def predicted_x0(self, pipe, x_t: torch.Tensor, t, out: torch.Tensor) -> torch.Tensor:
+        return x_t.float() - self.sigma(pipe, t, x_t) * out.float()  # x_t = (1 - s) x0 + s n, out = n - x0
+
+    def predicted_noise(self, pipe, x_t: torch.Tensor, t, out: torch.Tensor) -> torch.Tensor:
+        return (x_t.float() + (1 - self.sigma(pipe, t, x_t)) * out.float()).to(out.dtype)
 
     def image_seq_len(self, pipe) -> int:
         _, h, w = self.latent_shape(pipe)

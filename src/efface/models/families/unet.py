@@ -109,17 +109,34 @@ class UNetFamily(Family):
 
     def add_noise(self, pipe, x0: torch.Tensor, t, generator: torch.Generator | None,
                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        schedule = getattr(pipe.scheduler, "alphas_cumprod", None)
-        if schedule is None:
-            raise InputError(f"the pipeline's scheduler ({type(pipe.scheduler).__name__}) has no DDPM noise schedule "
-                             "(alphas_cumprod); load the model with its DDIM / DDPM / Euler scheduler")
-        a = schedule[torch.as_tensor(t).cpu()].to(x0.device, x0.dtype)
-        a = a.view(-1, 1, 1, 1) if a.dim() else a
+        a = self.alphas_cumprod(pipe, t, x0).to(x0.dtype)
         noise = draw_noise(x0, generator, noise)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if self.prediction_type(pipe) == "v_prediction":
             return x_t, a.sqrt() * noise - (1 - a).sqrt() * x0
         return x_t, noise
+
+    def alphas_cumprod(self, pipe, t, like: torch.Tensor) -> torch.Tensor:
+        """alpha-bar_t of the pipeline's DDPM schedule at ``t`` (an int or one per row), float32,
+        shaped to broadcast over ``like``."""
+        schedule = getattr(pipe.scheduler, "alphas_cumprod", None)
+        if schedule is None:
+            raise InputError(f"the pipeline's scheduler ({type(pipe.scheduler).__name__}) has no DDPM noise schedule "
+                             "(alphas_cumprod); load the model with its DDIM / DDPM / Euler scheduler")
+        a = schedule[torch.as_tensor(t).cpu()].to(like.device).float()
+        return a.view(-1, *([1] * (like.dim() - 1))) if a.dim() else a
+
+    def predicted_x0(self, pipe, x_t: torch.Tensor, t, out: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod(pipe, t, x_t)
+        if self.prediction_type(pipe) == "v_prediction":
+            return a.sqrt() * x_t.float() - (1 - a).sqrt() * out.float()
+        return (x_t.float() - (1 - a).sqrt() * out.float()) / a.sqrt()
+
+    def predicted_noise(self, pipe, x_t: torch.Tensor, t, out: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type(pipe) != "v_prediction":
+            return out
+        a = self.alphas_cumprod(pipe, t, x_t).to(out.dtype)
+        return a.sqrt() * out + (1 - a).sqrt() * x_t
 
     def scheduler(self, pipe, num_steps: int):
         from diffusers import DDIMScheduler
