@@ -105,6 +105,26 @@ class EditSite:
     reads: str = "sequence"
 
 
+def text_encoder_rule(encoders: tuple[str, ...], layers_only: bool) -> Rule:
+    """Every text-encoder parameter, or (``layers_only``) all but the token / position embeddings
+    (CLIP ``embeddings.*``; T5 ``shared`` / ``embed_tokens``)."""
+
+    def rule(component: str, name: str) -> bool:
+        if component not in encoders:
+            return False
+        if not layers_only:
+            return True
+        return ".embeddings." not in f".{name}" and not name.startswith(("shared.", "encoder.embed_tokens."))
+
+    return rule
+
+
+def under(prefixes: set[str]) -> Callable[[str], bool]:
+    """``name`` lies inside one of the modules named ``prefixes``."""
+    dotted = tuple(f"{p}." for p in prefixes)
+    return lambda name: name.startswith(dotted) if dotted else False
+
+
 class Family:
     """One model family. Subclasses set the class attributes and implement the abstract hooks."""
 
@@ -140,9 +160,20 @@ class Family:
             if components is None or component in components:
                 yield from ((component, n, p) for n, p in getattr(pipe, component).named_parameters())
 
-    def rule(self, pipe, parameter_set: str) -> Rule:
-        """The membership test of ``parameter_set`` in this pipeline."""
+    def denoiser_rules(self, pipe) -> dict[str, Callable[[str], bool]]:
+        """Per denoiser parameter set, the test of a denoiser parameter's name."""
         raise NotImplementedError
+
+    def rule(self, pipe, parameter_set: str) -> Rule:
+        """The membership test of ``parameter_set`` in this pipeline: a denoiser set of
+        :meth:`denoiser_rules`, or a text-encoder set over every text encoder."""
+        rules = self.denoiser_rules(pipe)
+        if parameter_set in rules:
+            test, den = rules[parameter_set], self.denoiser_name
+            return lambda component, name: component == den and test(name)
+        if parameter_set in ("text_encoder", "text_encoder_layers"):
+            return text_encoder_rule(self.text_encoders, parameter_set == "text_encoder_layers")
+        raise InputError(f"unknown parameter set {parameter_set!r}; valid: {', '.join(self.parameter_sets)}")
 
     def select(self, pipe, parameter_set: str) -> dict[str, torch.nn.Parameter]:
         """The parameters of ``parameter_set``, keyed ``"<component>.<parameter name>"``."""

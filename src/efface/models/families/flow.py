@@ -31,13 +31,13 @@ prompt alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
 from efface.errors import InputError
-from efface.models.families.base import EditSite, Family, Rule, draw_noise
-from efface.models.families.unet import text_encoder_rule, under
+from efface.models.families.base import EditSite, Family, draw_noise, under
 
 FLOW_SETS: dict[str, str] = {
     "xattn": "every parameter of the attention modules text passes through (joint attention; Flux: double + single)",
@@ -59,38 +59,29 @@ class FlowFamily(Family):
     def prediction_type(self, pipe) -> str:
         return "flow"
 
-    def kv_modules(self, pipe) -> dict[str, str]:
-        """Attention module name -> the prefix of its text key / value projections (``add_`` or ``to_``)."""
+    def kv_modules(self, pipe) -> dict[str, tuple[str, str]]:
+        """Attention module name -> the names of the key and value projections the text goes through."""
         raise NotImplementedError
 
     def cross_attention(self, pipe) -> dict[str, torch.nn.Module]:
         den = self.denoiser(pipe)
         return {n: den.get_submodule(n) for n in self.kv_modules(pipe)}
 
-    def rule(self, pipe, parameter_set: str) -> Rule:
-        den = self.denoiser_name
+    def denoiser_rules(self, pipe) -> dict[str, Callable[[str], bool]]:
         kv = self.kv_modules(pipe)
         in_attn = under(set(kv))
 
         def is_kv(n: str) -> bool:
-            module, _, rest = n.rpartition(".")[0].rpartition(".")
-            proj = kv.get(module)
-            return proj is not None and rest in (f"{proj}k_proj" if proj == "add_" else "to_k",
-                                                  f"{proj}v_proj" if proj == "add_" else "to_v")
+            parts = n.rsplit(".", 2)  # "<attention module>.<projection>.weight"
+            return len(parts) == 3 and parts[1] in kv.get(parts[0], ())
 
-        rules = {
+        return {
             "xattn": in_attn,
             "xattn_kv": is_kv,
             "noxattn": lambda n: not in_attn(n) and not n.startswith(EMBEDDERS),
             "all": lambda n: True,
             "text_input": lambda n: n.startswith(("context_embedder.", f"{POOLED_SITE}.")),
         }
-        if parameter_set in rules:
-            r = rules[parameter_set]
-            return lambda component, name: component == den and r(name)
-        if parameter_set in ("text_encoder", "text_encoder_layers"):
-            return text_encoder_rule(self.text_encoders, parameter_set == "text_encoder_layers")
-        raise InputError(f"unknown parameter set {parameter_set!r}; valid: {', '.join(self.parameter_sets)}")
 
     def edit_sites(self, pipe) -> list[EditSite]:
         return [EditSite(f"{self.denoiser_name}.context_embedder.weight", "sequence"),

@@ -40,10 +40,10 @@ class Flux(FlowFamily):
 
         return (FluxTransformer2DModel,)
 
-    def kv_modules(self, pipe) -> dict[str, str]:
+    def kv_modules(self, pipe) -> dict[str, tuple[str, str]]:
         from diffusers.models.transformers.transformer_flux import FluxAttention
 
-        return {n: ("add_" if m.added_kv_proj_dim is not None else "to_")
+        return {n: ("add_k_proj", "add_v_proj") if m.added_kv_proj_dim is not None else ("to_k", "to_v")
                 for n, m in self.denoiser(pipe).named_modules() if isinstance(m, FluxAttention)}
 
     def latent_shape(self, pipe) -> tuple[int, int, int]:

@@ -32,8 +32,8 @@ class SD3(FlowFamily):
 
         return (SD3Transformer2DModel,)
 
-    def kv_modules(self, pipe) -> dict[str, str]:
-        return {n: "add_" for n, m in self.denoiser(pipe).named_modules()
+    def kv_modules(self, pipe) -> dict[str, tuple[str, str]]:
+        return {n: ("add_k_proj", "add_v_proj") for n, m in self.denoiser(pipe).named_modules()
                 if getattr(m, "add_k_proj", None) is not None}
 
     def latent_shape(self, pipe) -> tuple[int, int, int]:

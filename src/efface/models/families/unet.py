@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from efface.errors import InputError
-from efface.models.families.base import Conditioning, EditSite, Family, Rule, draw_noise
+from efface.models.families.base import Conditioning, EditSite, Family, draw_noise, under
 
 UNET_SETS: dict[str, str] = {
     "xattn": "every parameter of the cross-attention modules (ESD-x)",
@@ -36,26 +36,6 @@ UNET_SETS: dict[str, str] = {
     "text_encoder": "every parameter of every text encoder",
     "text_encoder_layers": "the text encoders' transformer layers and final norm, not their embeddings",
 }
-
-
-def text_encoder_rule(encoders: tuple[str, ...], layers_only: bool) -> Rule:
-    """Every text-encoder parameter, or (``layers_only``) all but the token / position embeddings
-    (CLIP ``embeddings.*``; T5 ``shared`` / ``embed_tokens``)."""
-
-    def rule(component: str, name: str) -> bool:
-        if component not in encoders:
-            return False
-        if not layers_only:
-            return True
-        return ".embeddings." not in f".{name}" and not name.startswith(("shared.", "encoder.embed_tokens."))
-
-    return rule
-
-
-def under(prefixes: set[str]) -> Callable[[str], bool]:
-    """``name`` lies inside one of the modules named ``prefixes``."""
-    dotted = tuple(f"{p}." for p in prefixes)
-    return lambda name: name.startswith(dotted) if dotted else False
 
 
 class UNetFamily(Family):
@@ -75,23 +55,19 @@ class UNetFamily(Family):
     def cross_attention(self, pipe) -> dict[str, torch.nn.Module]:
         return {n: m for n, m in self.denoiser(pipe).named_modules() if getattr(m, "is_cross_attention", False)}
 
-    def rule(self, pipe, parameter_set: str) -> Rule:
-        den = self.denoiser_name
+    def denoiser_rules(self, pipe) -> dict[str, Callable[[str], bool]]:
         in_xattn = under(set(self.cross_attention(pipe)))
-        kv = lambda n: in_xattn(n) and n.rsplit(".", 2)[-2] in ("to_k", "to_v")  # noqa: E731
-        unet_rules = {
+
+        def kv(n: str) -> bool:
+            return in_xattn(n) and n.rsplit(".", 2)[-2] in ("to_k", "to_v")
+
+        return {
             "xattn": in_xattn,
             "xattn_kv": kv,
             "text_input": kv,
             "noxattn": lambda n: not in_xattn(n) and not n.startswith(self.not_noxattn),
             "all": lambda n: True,
         }
-        if parameter_set in unet_rules:
-            r = unet_rules[parameter_set]
-            return lambda component, name: component == den and r(name)
-        if parameter_set in ("text_encoder", "text_encoder_layers"):
-            return text_encoder_rule(self.text_encoders, parameter_set == "text_encoder_layers")
-        raise InputError(f"unknown parameter set {parameter_set!r}; valid: {', '.join(self.parameter_sets)}")
 
     def edit_sites(self, pipe) -> list[EditSite]:
         return [EditSite(k) for k in self.select(pipe, "xattn_kv") if k.endswith(".weight")]
