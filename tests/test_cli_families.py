@@ -44,3 +44,10 @@ def test_a_family_the_method_does_not_support_is_refused_before_work(family_dirs
                  "--out", str(tmp_path / "o")])
     assert code == 2 and "supports sd" in caplog.text and "not flux" in caplog.text
     assert not (tmp_path / "o").exists()
+
+
+def test_save_component_the_model_lacks_is_refused_before_work(family_dirs, tmp_path, caplog):
+    code = main(["erase", "--model", str(family_dirs("flux")), "--method", "uce", "--concept", "circle",
+                 "--save-component", "unet", "--out", str(tmp_path / "o")])
+    assert code == 2 and "this model has transformer, text_encoder, text_encoder_2" in caplog.text
+    assert not (tmp_path / "o").exists()

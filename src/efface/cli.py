@@ -99,6 +99,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     request = ErasureRequest.build(args.concept, args.anchor, args.preserve or (), default_anchor=cls.default_anchor)
     _refuse_existing(args)
     pipe = _load(args)
+    _check_components(pipe, args.save_component or ())
     erased = method.fit(pipe, request, seed=args.seed, progress=not args.quiet)
     erased.save(args.out, pipe=pipe, save_pipeline=args.save_pipeline, components=tuple(args.save_component or ()),
                 lora=args.save_lora, overwrite=args.overwrite)
@@ -107,6 +108,15 @@ def cmd_erase(args: argparse.Namespace) -> int:
     print(f"{args.out}: {m['method']} erased {', '.join(request.concepts)}; {m['tensors_changed']} tensors "
           f"({m['parameters_changed']} parameters) changed{added} in {m['seconds']:.1f} s")
     return 0
+
+
+def _check_components(pipe, wanted) -> None:
+    """Refuse --save-component values the loaded model does not have, before any work."""
+    from efface.models.params import components
+
+    missing = sorted(set(wanted) - set(components(pipe)))
+    if missing:
+        raise InputError(f"--save-component {', '.join(missing)}: this model has {', '.join(components(pipe))}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -314,9 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--save-pipeline", action="store_true",
                    help="also write a complete diffusers pipeline (out/pipeline) with the edit applied")
-    p.add_argument("--save-component", action="append", choices=("unet", "text_encoder"),
+    p.add_argument("--save-component", action="append",
+                   choices=("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"),
                    help="also write this component with the edit applied (out/<component>, diffusers format; "
-                        "e.g. text_encoder: AdvUnlearn's plug-in text encoder); repeat for several")
+                        "e.g. text_encoder: AdvUnlearn's plug-in text encoder); repeat for several; it must "
+                        "be one of the model's own")
     p.add_argument("--save-lora", action="store_true",
                    help="also write the adapter as a LoRA plain diffusers loads (out/lora; spm: multiplier 1, "
                         "no facilitated transport): pipe.load_lora_weights(out/lora)")

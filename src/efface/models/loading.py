@@ -2,7 +2,7 @@
 
 Accepted forms of ``model``:
 
-* ``"toy"`` — the bundled toy-sd weights (:data:`efface.toy.TOY_SD`);
+* ``"toy"`` (or ``"toy-sd"``) — the bundled toy-sd weights (:data:`efface.toy.TOY_SD`);
 * a local diffusers directory (it has ``model_index.json``): SD 1.x/2.x, SDXL, ...;
 * a single-file ``.safetensors`` checkpoint in the original Stable Diffusion (LDM) key format, with
   ``config=`` a local diffusers directory of the same architecture (offline, diffusers cannot fetch one);
@@ -134,7 +134,7 @@ def is_toy(pipe) -> bool:
 
 def _load(model: str | os.PathLike, torch_dtype: torch.dtype, allow_pickle: bool,
           config: str | os.PathLike | None) -> tuple[DiffusionPipeline, str]:
-    if isinstance(model, str) and model == "toy":
+    if isinstance(model, str) and model in ("toy", "toy-sd"):
         from efface.toy import TOY_SD
 
         if not (TOY_SD / "model_index.json").is_file():
