@@ -1,0 +1,36 @@
+"""Options and steps every command shares: the model options, the --out check, loading."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from pathlib import Path
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    from efface.models.loading import load_pipeline
+
+    defaults = {k: v.default for k, v in inspect.signature(load_pipeline).parameters.items()}
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="toy",
+                   help="'toy' (bundled toy-sd), a diffusers directory, a single-file .safetensors "
+                        "checkpoint, or a hub id already in the local cache (default: toy)")
+    g.add_argument("--device", default=defaults["device"], help=f"cpu, cuda, cuda:N, mps or auto (default: {defaults['device']})")
+    g.add_argument("--dtype", default=defaults["dtype"], help=f"fp32, fp16 or bf16 (default: {defaults['dtype']})")
+    g.add_argument("--config", default=defaults["config"],
+                   help="local diffusers directory describing a single-file checkpoint's architecture")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle checkpoints (.ckpt/.bin/.pt/.pth); they can run arbitrary code")
+
+
+def _refuse_existing(args: argparse.Namespace) -> None:
+    """``--out`` must not exist unless ``--overwrite`` (checked before any work)."""
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
+
+
+def _load(args: argparse.Namespace):
+    from efface.models.loading import load_pipeline
+
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                         config=args.config)

@@ -1,0 +1,155 @@
+"""`efface eval`, `bench`, `demo` and `attack`: the commands that measure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from efface import config as cfg
+from efface.cli.common import _load, _refuse_existing
+from efface.errors import InputError
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from efface.evaluation import EvalConfig, check_concepts, evaluate
+    from efface.io import atomic_file
+
+    config = cfg.from_args(EvalConfig, args)
+    check_concepts(args.concept)  # before loading anything
+    _refuse_existing(args)
+    erased = None
+    if args.erased:
+        from efface.artifacts import ErasedModel
+
+        erased = ErasedModel.load(args.erased)
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    result = evaluate(pipe, args.concept, erased=erased, config=config, seed=args.seed)
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    e, u = result["effectiveness"], result["utility"]
+    print(f"{args.out}: target rate {e['target_rate']:.3f}, synonyms {_fmt(e['synonym_rate'])}, held-out "
+          f"{e['heldout_rate']:.3f}; retained accuracy {_fmt(u['retained_accuracy'])}, "
+          f"Frechet distance {_fmt(u['frechet_distance'])}")
+    return 0
+
+
+def _bench(args: argparse.Namespace, bench, evaluation, **kwargs) -> tuple[str, Path]:
+    """Check the grid (unknown method or concept: fail before loading), run it, write the outputs."""
+    from efface.benchmark.grid import bench_and_report
+
+    _check_presets(args, bench)
+    bench.concept_list(), bench.attack_list()
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    return bench_and_report(pipe, args.out, bench, evaluation, seed=args.seed, progress=not args.quiet, **kwargs)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from efface.benchmark.grid import BenchConfig
+    from efface.benchmark.protocol import ProtocolConfig
+    from efface.evaluation import EvalConfig
+
+    bench, evaluation, protocol = (cfg.from_args(c, args) for c in (BenchConfig, EvalConfig, ProtocolConfig))
+    if protocol.protocol:
+        table, report = _protocol_bench(args, bench, evaluation, protocol)
+    else:
+        table, report = _bench(args, bench, evaluation)
+    print(table)
+    print(report)
+    return 0
+
+
+def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tuple[str, Path]:
+    """A real-model protocol: model path, prompt file, judges and methods checked before loading."""
+    from efface.benchmark.protocol import check_model, prepare, run_protocol_bench
+
+    protocol.spec()
+    check_model(args.model)
+    _check_presets(args, bench)
+    prepared = prepare(protocol)
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    return run_protocol_bench(pipe, args.out, prepared, bench, evaluation, seed=args.seed, progress=not args.quiet)
+
+
+def _check_presets(args: argparse.Namespace, bench) -> None:
+    """Unknown methods, and a preset the model cannot take (``toy`` on a real model), fail before loading."""
+    from efface.toy.presets import method_setup
+
+    for method in bench.method_list():
+        method_setup(method, args.model, bench.preset or None)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from efface.benchmark.demo import DemoConfig
+
+    demo = cfg.from_args(DemoConfig, args)
+    table, report = _bench(args, demo.bench(), demo.evaluation(), options=demo.options(),
+                           title=f"efface demo: erasing '{demo.concept}' from toy-sd")
+    print(table)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import efface.attacks  # noqa: F401  (registers the attacks)
+    from efface.registry import ATTACKS
+    from efface.robustness import attack_success, judge_for, toy_prompts
+    from efface.sampling import GenerationConfig
+    from efface.toy.presets import attack_setup, toy_model
+
+    cls = ATTACKS.get(args.attack)  # unknown attack: the valid ones are listed
+    options = cfg.parse_assignments(cls.Config, args.set or [], owner=args.attack)
+    preset, inputs = attack_setup(args.attack, args.model, args.preset)  # "toy" only on a toy model
+    attack = cls(preset=preset, **inputs, **options)
+    gen = GenerationConfig(steps=args.steps, guidance=args.guidance)
+    _refuse_existing(args)
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    judge = judge_for(pipe, args.concept)
+    prompts = args.prompt or (toy_prompts(args.concept, args.n, args.seed) if toy_model(args.model) else None)
+    if not prompts:
+        raise InputError("give the prompts to attack with --prompt (repeat for several)")
+    original = None
+    erased_pipe = pipe
+    if args.erased:
+        import copy
+
+        from efface.artifacts import ErasedModel
+
+        erased = ErasedModel.load(args.erased)
+        erased.check_base(pipe)
+        original, erased_pipe = pipe, copy.deepcopy(pipe)
+        erased.apply(erased_pipe)
+    features = None
+    if "image_features" in attack.needs:
+        from efface.models.loading import is_toy
+        from efface.robustness import toy_features
+
+        if not is_toy(pipe):
+            raise InputError(f"{args.attack} needs an image feature extractor; on a real model call "
+                             "efface.robustness.attack_success(..., features=your_function) from Python")
+        features = toy_features()
+    measures, result = attack_success(attack, erased_pipe, args.concept, prompts, judge=judge, original=original,
+                                      seed=args.seed, generation=gen, progress=not args.quiet, features=features)
+    measures["erased"] = args.erased
+    measures["model"] = args.model
+    if result is None:
+        from efface.io import atomic_dir
+
+        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            (tmp / "attack.json").write_text(json.dumps(measures, indent=2))
+    else:
+        result.save(args.out, overwrite=args.overwrite, measures=measures)
+    print(f"{args.attack} on {args.concept}: pre-ASR {measures['pre_asr']:.3f}, ASR {measures['asr']:.3f} "
+          f"({measures['n']} prompts)")
+    print(Path(args.out) / "attack.json")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

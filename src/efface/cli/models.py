@@ -1,0 +1,95 @@
+"""`efface generate`, `list`, `erase` and `toy train`: the commands that make or change a model."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+from efface import config as cfg
+from efface.cli.common import _load, _refuse_existing
+from efface.errors import InputError
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from efface.sampling import GenerationConfig, describe, generate, save_images
+
+    gen = cfg.from_args(GenerationConfig, args)  # validates before the model is loaded
+    pipe = _load(args)
+    if args.erased:
+        from efface.artifacts import ErasedModel
+
+        ErasedModel.load(args.erased).apply(pipe)
+    images = generate(pipe, args.prompt, gen, seed=args.seed)
+    out = save_images(images, args.out, metadata=describe(args.prompt, gen, args.seed, args.model),
+                      overwrite=args.overwrite, grid_scale=args.grid_scale)
+    print(out / "grid.png")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import efface.attacks  # noqa: F401  (registers the attacks)
+    import efface.methods  # noqa: F401  (registers the methods)
+    import efface.metrics  # noqa: F401  (registers the metrics)
+    from efface.models.families import FAMILIES
+    from efface.registry import ATTACKS, METHODS, METRICS
+
+    kinds = {"methods": METHODS, "attacks": ATTACKS, "metrics": METRICS}
+    for kind in [args.kind] if args.kind else list(kinds):
+        entries = kinds[kind].items()
+        print(f"{kind}:" + ("" if entries else " none registered yet"))
+        for name, obj in entries:
+            doc = (inspect.getdoc(obj) or "").splitlines()
+            print(f"  {name:<18} {doc[0] if doc else ''}")
+            if getattr(obj, "paper", ""):
+                print(f"  {'':<18} paper: {obj.paper}")
+            if getattr(obj, "families", None):
+                print(f"  {'':<18} families: {', '.join(f for f in FAMILIES if f in obj.families)}")
+            if hasattr(obj, "Config"):
+                for fname, tp, default, help_text in cfg.describe_fields(obj.Config):
+                    print(f"  {'':<18}   --set {fname}={default!s:<10} {tp:<6} {help_text}")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    import efface.methods  # noqa: F401  (registers the methods)
+    from efface.methods.base import ErasureRequest
+    from efface.registry import METHODS
+    from efface.toy.presets import method_setup
+
+    cls = METHODS.get(args.method)  # unknown method / option / concept: fail before loading
+    if args.save_lora and not cls.exports_lora:
+        raise InputError(f"--save-lora: {args.method} has no LoRA export; methods with one: "
+                         f"{', '.join(n for n, c in METHODS.items() if c.exports_lora)}")
+    preset, inputs = method_setup(args.method, args.model, args.preset)  # "toy" only on a toy model
+    method = cls(preset=preset, **inputs, **cfg.parse_assignments(cls.Config, args.set or [], owner=args.method))
+    request = ErasureRequest.build(args.concept, args.anchor, args.preserve or (), default_anchor=cls.default_anchor)
+    _refuse_existing(args)
+    pipe = _load(args)
+    _check_components(pipe, args.save_component or ())
+    erased = method.fit(pipe, request, seed=args.seed, progress=not args.quiet)
+    erased.save(args.out, pipe=pipe, save_pipeline=args.save_pipeline, components=tuple(args.save_component or ()),
+                lora=args.save_lora, overwrite=args.overwrite)
+    m = erased.manifest
+    added = f", adapter {m['adapter']['kind']} ({m['adapter']['parameters']} parameters) added" if m["adapter"] else ""
+    print(f"{args.out}: {m['method']} erased {', '.join(request.concepts)}; {m['tensors_changed']} tensors "
+          f"({m['parameters_changed']} parameters) changed{added} in {m['seconds']:.1f} s")
+    return 0
+
+
+def _check_components(pipe, wanted) -> None:
+    """Refuse --save-component values the loaded model does not have, before any work."""
+    from efface.models.params import components
+
+    missing = sorted(set(wanted) - set(components(pipe)))
+    if missing:
+        raise InputError(f"--save-component {', '.join(missing)}: this model has {', '.join(components(pipe))}")
+
+
+def cmd_toy_train(args: argparse.Namespace) -> int:
+    from efface.toy.recipe import ToyRecipe
+    from efface.toy.train import train_toy
+
+    recipe = cfg.from_args(ToyRecipe, args)
+    out = train_toy(recipe, args.work, args.out, overwrite=args.overwrite)
+    print(out)
+    return 0
