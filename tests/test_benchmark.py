@@ -164,7 +164,7 @@ def test_report_renders_in_headless_chromium_without_console_errors(toy, bench_d
 
 
 def test_toy_sd_gets_the_toy_presets(toy, bench_dir):
-    from efface.models.loading import is_toy
+    from efface.toy import is_toy
 
     out, _ = bench_dir
     assert is_toy(toy)

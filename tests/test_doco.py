@@ -94,11 +94,8 @@ def test_doco_runs_on_sdxl_through_the_seam(family_pipe):
     from efface.models.text import encode
 
     pipe = family_pipe("sdxl")
-    # frozen as fit() leaves it: torch's CPU Linear on a non-contiguous input (the linear proj_in of
-    # SDXL's transformers) differs in the last bit with the weight's requires_grad, so a first fit on
-    # a freshly loaded pipeline would not repeat bit for bit
-    for _, _, p in named_parameters(pipe):
-        p.requires_grad_(False)
+    # (fit() restores the requires_grad flags it found: torch's CPU Linear on a non-contiguous input, the
+    # linear proj_in of SDXL's transformers, differs in the last bit with them, so a second fit repeats the first)
 
     def eps(prompt: str) -> torch.Tensor:
         x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))

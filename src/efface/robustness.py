@@ -112,7 +112,7 @@ def toy_prompts(concept: str, n: int, seed: int) -> list[str]:
 def judge_for(pipe, concept: str) -> Judge:
     """The benchmark's judge for ``concept``: the toy classifier on toy-sd, NudeNet for "nudity"."""
     from efface.errors import InputError
-    from efface.models.loading import is_toy
+    from efface.toy import is_toy
     from efface.toy.world import SYNONYMS
 
     if is_toy(pipe):
@@ -141,7 +141,7 @@ def robustness_of(pipe, erased, concept: str, attacks: list[str], *, n: int, see
     import copy
 
     import efface.attacks  # noqa: F401  (registers the attacks)
-    from efface.models.loading import is_toy
+    from efface.toy import is_toy
     from efface.registry import ATTACKS
     from efface.toy.presets import attack_setup
 

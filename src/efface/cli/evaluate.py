@@ -127,7 +127,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         erased.apply(erased_pipe)
     features = None
     if "image_features" in attack.needs:
-        from efface.models.loading import is_toy
+        from efface.toy import is_toy
         from efface.robustness import toy_features
 
         if not is_toy(pipe):

@@ -157,8 +157,9 @@ class ErasureMethod(ABC, Generic[C]):
         fingerprint, digest = base_fingerprint(pipe), base_hash(pipe)
         declared = select(pipe, self.parameter_set) if self.parameter_set else {}
         before = {k: p.detach().to("cpu", copy=True) for k, p in declared.items()}  # off-GPU copy
-        for _, _, p in named_parameters(pipe):  # every fit starts frozen: CPU kernels for a Linear on a
-            p.requires_grad_(False)             # non-contiguous input differ in the last bit with requires_grad
+        # requires_grad flags as the caller had them, restored afterwards: CPU kernels of a Linear on a
+        # non-contiguous input differ in the last bit with requires_grad, so a second fit must start as the first
+        flags = [(p, p.requires_grad) for _, _, p in named_parameters(pipe)]
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -185,8 +186,8 @@ class ErasureMethod(ABC, Generic[C]):
             with torch.no_grad():
                 for key, p in declared.items():
                     p.copy_(before[key])
-                for _, _, p in named_parameters(pipe):
-                    p.requires_grad_(False)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
         _check_untouched(self.name, self.parameter_set, pipe, fingerprint)
         fingerprint = {c: fingerprint[c] for c in touched_components(changed, adapter, pipe)}
         manifest = {

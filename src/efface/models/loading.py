@@ -125,13 +125,6 @@ def load_pipeline(model: str | os.PathLike, *, device: str = "cpu", dtype: str =
     return pipe
 
 
-def is_toy(pipe) -> bool:
-    """Whether ``pipe`` was loaded from the bundled toy-sd (``load_pipeline("toy")``)."""
-    from efface.toy import TOY_SD
-
-    return str(getattr(pipe, "efface_source", "")) == str(TOY_SD.resolve())
-
-
 def _load(model: str | os.PathLike, torch_dtype: torch.dtype, allow_pickle: bool,
           config: str | os.PathLike | None) -> tuple[DiffusionPipeline, str]:
     if isinstance(model, str) and model in ("toy", "toy-sd"):

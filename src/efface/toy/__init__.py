@@ -10,3 +10,9 @@ from pathlib import Path
 WEIGHTS = Path(__file__).parent / "weights"
 TOY_SD = WEIGHTS / "toy-sd"
 CLASSIFIER = WEIGHTS / "classifier"
+
+
+def is_toy(pipe) -> bool:
+    """Whether ``pipe`` was loaded from the bundled toy-sd (``load_pipeline("toy")`` records the
+    resolved weights directory as ``pipe.efface_source``)."""
+    return str(getattr(pipe, "efface_source", "")) == str(TOY_SD.resolve())

@@ -28,7 +28,7 @@ from typing import Any
 
 from efface.config import Preset
 from efface.errors import InputError
-from efface.toy import TOY_SD
+from efface.toy import TOY_SD, is_toy
 from efface.toy.sources import ShapeImages, toy_synonyms
 from efface.toy.world import TOY_CONTEXTS
 
@@ -157,14 +157,12 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {"toy-sd": {
 def toy_model(model) -> str | None:
     """The toy model ``model`` is (``"toy-sd"``), or None: ``model`` is a ``--model`` value
     (``"toy"``, ``"toy-sd"``, the bundled weights' directory) or a pipeline (loaded from the
-    bundled weights: :func:`efface.models.loading.is_toy`)."""
+    bundled weights: :func:`efface.toy.is_toy`)."""
     if isinstance(model, (str, os.PathLike)):
         if str(model) in ("toy", "toy-sd"):
             return "toy-sd"
         path = Path(model).expanduser()
         return "toy-sd" if path.is_dir() and path.resolve() == TOY_SD.resolve() else None
-    from efface.models.loading import is_toy  # the one test of "loaded from the bundled weights"
-
     return "toy-sd" if is_toy(model) else None
 
 

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from efface.errors import InputError
+from efface.models.tokens import check_fits
 
 Rule = Callable[[str, str], bool]  # (component, parameter name) -> in the set
 
@@ -206,8 +207,6 @@ class Family:
 
     def check_fits(self, pipe, text: str, what: str = "concept") -> None:
         """Refuse ``text`` if it is empty or any of the pipeline's tokenizers would truncate it."""
-        from efface.models.text import check_fits
-
         for name in self.tokenizers:
             tok = getattr(pipe, name, None)
             if tok is not None:

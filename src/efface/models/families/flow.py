@@ -38,6 +38,7 @@ import torch
 
 from efface.errors import InputError
 from efface.models.families.base import EditSite, Family, draw_noise, under
+from efface.models.tokens import fill
 
 FLOW_SETS: dict[str, str] = {
     "xattn": "every parameter of the attention modules text passes through (joint attention; Flux: double + single)",
@@ -97,8 +98,6 @@ class FlowFamily(Family):
     def t5_position(self, pipe, template: str, word: str) -> int:
         """Position of the word's last token in the T5 sequence (no start token; the end token for
         a prompt with nothing before the slot)."""
-        from efface.models.text import fill
-
         head = fill(template[: template.index("{}")] + "{}", word)
         tok = getattr(pipe, self.tokenizers[-1])
         return max(len(tok(head).input_ids) - 2, 0)

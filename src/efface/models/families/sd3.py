@@ -11,6 +11,7 @@ import torch
 
 from efface.models.families.base import Conditioning
 from efface.models.families.flow import FlowFamily
+from efface.models.tokens import word_end
 
 
 class SD3(FlowFamily):
@@ -48,8 +49,6 @@ class SD3(FlowFamily):
         return Conditioning(out[0], out[2])
 
     def word_positions(self, pipe, template: str, word: str) -> list[int]:
-        from efface.models.text import word_end
-
         clip = word_end(self.tokenizer(pipe), template, word)
         offset = int(pipe.tokenizer.model_max_length)
         return [clip, offset + self.t5_position(pipe, template, word)] if getattr(pipe, "text_encoder_3", None) \

@@ -26,6 +26,7 @@ import torch
 
 from efface.errors import InputError
 from efface.models.families.base import Conditioning, EditSite, Family, draw_noise, under
+from efface.models.tokens import word_end
 
 UNET_SETS: dict[str, str] = {
     "xattn": "every parameter of the cross-attention modules (ESD-x)",
@@ -73,8 +74,6 @@ class UNetFamily(Family):
         return [EditSite(k) for k in self.select(pipe, "xattn_kv") if k.endswith(".weight")]
 
     def word_positions(self, pipe, template: str, word: str) -> list[int]:
-        from efface.models.text import word_end
-
         return [word_end(self.tokenizer(pipe), template, word)]
 
     def latent_shape(self, pipe) -> tuple[int, int, int]:
