@@ -142,13 +142,10 @@ def prompt_pairs(concept: str, anchor: str, concept_type: str, tokenizer=None,
 def noised(pipe, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_t, target, t)``: :func:`~efface.models.diffusion.add_noise` at uniform timesteps ``t``
     (one per row), with CA's order of draws: the noise first, then the timesteps (as efface's CA
-    has always drawn them, so that seeded runs reproduce). The noise is drawn by ``add_noise`` from
-    a fork of ``generator`` taken before the timesteps; ``generator`` skips the same draw."""
-    fork = torch.Generator(generator.device)
-    fork.set_state(generator.get_state())
-    torch.randn(x0.shape, generator=generator)  # the noise add_noise draws from the fork
+    has always drawn them, so that seeded runs reproduce)."""
+    noise = torch.randn(x0.shape, generator=generator)
     t = random_index(num_train_timesteps(pipe), generator, len(x0)).to(x0.device)
-    x_t, target = add_noise(pipe, x0, t, fork)
+    x_t, target = add_noise(pipe, x0, t, None, noise)
     return x_t, target, t
 
 
