@@ -77,9 +77,12 @@ def test_erase_without_quiet_shows_progress(tiny_sd_dir, tmp_path, capsys):
 
 def test_erase_save_lora_writes_a_lora_plain_diffusers_loads(tiny_sd_dir, tmp_path, caplog):
     out = tmp_path / "spm"
-    assert main(["erase", "--model", str(tmp_path / "no-model"), "--method", "uce", "--concept", "circle",
-                 "--save-lora", "--out", str(out)]) == 2  # refused before loading: uce has no adapter
-    assert "no LoRA export" in caplog.text and not out.exists()
+    assert main(["erase", "--model", str(tmp_path / "no-model"), "--method", "esd-u", "--concept", "circle",
+                 "--save-lora", "--out", str(out)]) == 2  # refused before loading: esd-u changes norms
+    assert "--save-lora: esd-u changes the parameter set 'noxattn'" in caplog.text and not out.exists()
+    assert main(["erase", "--model", str(tmp_path / "no-model"), "--method", "receler", "--concept", "circle",
+                 "--save-lora", "--out", str(out)]) == 2  # and receler's erasers are no weight change
+    assert "receler has no LoRA export" in caplog.text and not out.exists()
     assert main(["-q", "erase", "--model", str(tiny_sd_dir), "--method", "spm", "--concept", "circle",
                  "--set", "iterations=2", "--set", "ddim_steps=2", "--set", "batch_size=1", "--set", "lr=0.05",
                  # spm's toy preset, spelled out (--preset toy is for toy-sd only)

@@ -141,6 +141,33 @@ def test_word_positions_point_at_the_word(name, pipes):
     assert (emb.pooled is None) == (name in ("sd", "sd2-v"))
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_trimmed_encoding_keeps_every_prompt_token_state_where_the_encoders_are_causal(name, pipes):
+    """``encode(..., trim=True)`` stops at the longest prompt on CLIP-only families (SD, SDXL: both
+    encoders, pooled included) with the states of the prompts' own tokens unchanged; a T5 encoder
+    (SD3, Flux) reads the padding too, so there the full sequence comes back; the tokenizers are
+    left as they were."""
+    pipe = pipes[name]
+    family = family_of(pipe)
+    prompts = ["a red circle on a plain background", "square", ""]
+    limits = [t.model_max_length for t in tokenizers(pipe)]
+    full, trimmed = encode(pipe, prompts), encode(pipe, prompts, trim=True)
+    assert [t.model_max_length for t in tokenizers(pipe)] == limits
+    if not family.causal_text:
+        assert name in ("sd3", "flux")
+        torch.testing.assert_close(trimmed.embeds, full.embeds)
+        return
+    longest = max(len(family.tokenizer(pipe)(p).input_ids) for p in prompts)
+    assert trimmed.embeds.shape[1] == longest < full.embeds.shape[1]
+    torch.testing.assert_close(trimmed.embeds, full.embeds[:, :longest], atol=1e-5, rtol=1e-5)
+    if full.pooled is not None:  # SDXL: the pooled state sits at the end token
+        torch.testing.assert_close(trimmed.pooled, full.pooled, atol=1e-5, rtol=1e-5)
+    # a padding state does depend on the length: only the prompts' own tokens are promised
+    short = encode(pipe, ["square"], trim=True)
+    assert short.embeds.shape[1] == len(family.tokenizer(pipe)("square").input_ids)
+    torch.testing.assert_close(short.embeds[0], full.embeds[1, : short.embeds.shape[1]], atol=1e-5, rtol=1e-5)
+
+
 def test_conditioning_indexes_expands_and_concatenates_rows(pipes):
     c = encode(pipes["sdxl"], ["a red circle", "a blue square", ""])
     assert len(c[1]) == 1 and torch.equal(c[1].pooled, c.pooled[1:2])

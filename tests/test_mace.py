@@ -16,7 +16,9 @@ from conftest import build_tiny_pipeline
 
 from efface.errors import InputError
 from efface.methods.base import ErasureRequest
-from efface.methods.mace import MACE, concept_positions, cooccurring_indices, fuse
+from efface.methods.mace import (MACE, ClosedFormStats, cfr_map, concept_positions, cooccurring_indices, fuse,
+                                 fused_weight, fusion_maps, lora_keys)
+from efface.methods.uce import uce_solve
 from efface.methods.mace_attention import AttentionLoss, LoRA, attention_processors, importance_weights
 from efface.methods.prompts import fill
 from efface.models.diffusion import add_noise, predict
@@ -80,7 +82,7 @@ def test_cfr_maps_cooccurring_keys_onto_anchor_values(tiny):
     weights = select(tiny, "xattn_kv")
     saved = {k: p.detach().clone() for k, p in weights.items()}
     try:
-        mace.refine(tiny, request, None, torch.float64)
+        mace.refine(tiny, mace.statistics(tiny, request, torch.float64))
         for key, param in weights.items():
             w_old, w_new = saved[key].double(), param.detach().double().requires_grad_(True)
             target = sources @ w_old.T
@@ -120,6 +122,37 @@ def test_fusion_solves_its_least_squares_objective(seed, n_concepts, n_pres, lam
                  + scale * (p_keys @ w.T - p_vals).pow(2).sum())
     objective.backward()
     assert w.grad.abs().max() < 1e-8 * max(1.0, objective.item())
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n_concepts=st.integers(1, 4), n_pres=st.integers(0, 5), rank=st.integers(1, 2),
+       lamb=st.sampled_from([1e-3, 0.5, 10.0]), scales=st.sampled_from([(0.0, 0.0), (0.1, 3.0), (1.0, 1.0)]))
+def test_the_batched_closed_forms_are_the_per_concept_ones(seed, n_concepts, n_pres, rank, lamb, scales):
+    """MACE's CFR and fusion from the Gram matrices (one solve for all layers and concepts: cfr_map,
+    fusion_maps, lora_keys, fused_weight) equal UCE's per-concept sums (uce_solve) and the
+    per-concept fusion (fuse) of each layer."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = {"generator": g, "dtype": torch.float64}
+    d_in, train_scale, fuse_scale = 10, *scales
+    k_rows = torch.randint(1, 8, (n_concepts,), generator=g).tolist()
+    cfr_keys = [torch.randn(n, d_in, **f64) for n in k_rows]  # co-occurring keys, per concept
+    sources = [torch.randn(n, d_in, **f64) for n in k_rows]
+    keys = [torch.randn(6, d_in, **f64) for _ in range(n_concepts)]  # every token of its prompts
+    p = torch.randn(n_pres, d_in, **f64)
+    k, s = torch.cat(cfr_keys), torch.cat(sources)
+    stats = ClosedFormStats(k.T @ k, s.T @ k, torch.stack([e.T @ e for e in keys]), p.T @ p)
+    cfr, maps = cfr_map(stats, lamb=lamb, preserve_scale=train_scale), fusion_maps(stats, lamb=lamb,
+                                                                                      preserve_scale=fuse_scale)
+    for d_out in (3, 7):
+        w, w_orig = torch.randn(2, d_out, d_in, **f64)
+        ref = uce_solve(w, cfr_keys, [x @ w.T for x in sources], [p], erase_scale=1.0, preserve_scale=train_scale,
+                        lamb=lamb)
+        torch.testing.assert_close(w @ cfr, ref, atol=1e-9, rtol=1e-9)
+        ups, downs = torch.randn(n_concepts, d_out, rank, **f64), torch.randn(n_concepts, rank, d_in, **f64)
+        values = [e @ (w + b @ a).T for e, b, a in zip(keys, ups, downs)]
+        ref = fuse(w, keys, values, p, p @ w_orig.T, lamb=lamb, preserve_scale=fuse_scale)
+        a_g = lora_keys(stats, downs)
+        torch.testing.assert_close(fused_weight(w, w_orig, ups, a_g, maps), ref, atol=1e-9, rtol=1e-9)
 
 
 def test_fusion_of_one_lora_with_small_lambda_reproduces_it_on_its_keys():
@@ -177,7 +210,7 @@ def test_lora_training_lowers_the_attention_loss(tiny):
     try:
         with torch.no_grad():
             for k, p in weights.items():
-                p.add_(deltas[k])
+                p.add_(deltas[k][0] @ deltas[k][1])  # Delta W = B A
         after = sum(_attention_loss(tiny, *d) for d in draws)
     finally:
         with torch.no_grad():

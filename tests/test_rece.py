@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from efface.errors import InputError
 from efface.methods import ErasureRequest
-from efface.methods.rece import RECE, adversarial_embedding, prompt_embeddings
-from efface.methods.uce import uce_solve
+from efface.methods.rece import RECE, adversarial_embedding, derivation_map, prompt_embeddings
+from efface.methods.uce import Grams, edit_maps, uce_solve
 from efface.models.families import family_of
 from efface.models.params import select
 
@@ -64,6 +64,33 @@ def test_derived_embedding_minimises_the_ridge_objective(seed, n_layers, n_token
     derived = adversarial_embedding(current, targets, lamb).requires_grad_(True)
     _ridge_objective(derived, current, targets, lamb).backward()
     assert derived.grad.abs().max() < 1e-8 * max(1.0, sum(y.norm() for y in targets))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n_layers=st.integers(1, 4), n_concepts=st.integers(1, 4),
+       n_pres=st.integers(0, 3), lamb=st.sampled_from([1e-3, 0.1, 1.0]), original_guides=st.booleans())
+def test_the_batched_round_is_the_per_concept_one(seed, n_layers, n_concepts, n_pres, lamb, original_guides):
+    """A RECE round for all concepts at once (one derivation map R, the edit from the Gram matrices
+    R^T C^T C R and G^T C R) equals deriving each concept's embedding on its own
+    (adversarial_embedding) and erasing the stacked derived rows with UCE's per-concept sums."""
+    g = torch.Generator().manual_seed(seed)
+    originals = _layers(g, n_layers)
+    current = [w + 0.3 * torch.randn(w.shape, generator=g, dtype=torch.float64) for w in originals]
+    n_rows = torch.randint(1, 5, (n_concepts,), generator=g).tolist()
+    concepts = [torch.randn(n, D_IN, generator=g, dtype=torch.float64) for n in n_rows]
+    guides = [torch.randn(n, D_IN, generator=g, dtype=torch.float64) for n in n_rows]
+    keep = torch.randn(n_pres, D_IN, generator=g, dtype=torch.float64)
+    derived = [adversarial_embedding(current, [c @ w.T for w in originals], lamb) for c in concepts]
+    r = derivation_map(current, originals, lamb)
+    torch.testing.assert_close(torch.cat(concepts) @ r, torch.cat(derived), atol=1e-9, rtol=1e-9)
+    c, gd = torch.cat(concepts), torch.cat(guides)
+    grams = Grams(r.T @ (c.T @ c) @ r, (gd.T @ c) @ r, keep.T @ keep)
+    keep_map, guide_map = edit_maps(grams, erase_scale=1.0, preserve_scale=0.1, lamb=0.1, device=c.device)
+    for w, w_orig in zip(current, originals):
+        w_guide = w_orig if original_guides else w
+        ref = uce_solve(w, derived, [gi @ w_guide.T for gi in guides], [keep], erase_scale=1.0,
+                        preserve_scale=0.1, lamb=0.1)
+        torch.testing.assert_close(w @ keep_map + w_guide @ guide_map, ref, atol=1e-8, rtol=1e-8)
 
 
 def test_adversarial_embedding_refuses_mismatched_inputs():

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from conftest import build_tiny_pipeline
 
 from efface.methods.base import ErasureRequest
-from efface.methods.uce import UCE, SiteKeys, in_context, normal_matrices, uce_solve
+from efface.methods.uce import UCE, SiteKeys, edit_maps, in_context, normal_matrices, uce_solve
 from efface.models.families import family_of
 from efface.models.params import get_parameter, select
 from efface.models.text import encode
@@ -64,6 +64,11 @@ def test_the_stacked_solve_is_the_per_concept_one(seed, n_concepts, n_pres, scal
     mat2, guide_erase, pp = normal_matrices(keys, erase_scale=se, preserve_scale=sp, lamb=lamb, device=w.device)
     new = torch.linalg.solve(mat2, lamb * w + se * w_guide @ guide_erase + sp * w @ pp, left=False)
     torch.testing.assert_close(new, ref, atol=1e-9, rtol=1e-9)
+    # the solve done once for every layer (edit_maps): W_new = W M_keep + W_guide M_guide, from the
+    # keys or from their Gram matrices alone
+    for k in (keys, keys.grams(w.device, torch.float64)):
+        keep, guide = edit_maps(k, erase_scale=se, preserve_scale=sp, lamb=lamb, device=w.device)
+        torch.testing.assert_close(w @ keep + w_guide @ guide, ref, atol=1e-9, rtol=1e-9)
 
 
 def test_uce_without_concepts_is_the_identity():

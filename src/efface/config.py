@@ -122,6 +122,26 @@ def check_bounds(obj, *, at_least_one: tuple[str, ...] = (), non_negative: tuple
                 raise InputError(f"{name} must be {bound}, not {getattr(obj, name)}")
 
 
+SEED_LIMIT = 2**32 - 1  # what numpy's global seed takes (torch's generators take more)
+
+
+def check_seed(seed, what: str = "seed", *, limit: int = SEED_LIMIT) -> int:
+    """``seed`` as an ``int``, refused with an :class:`~efface.errors.InputError` unless it is an
+    integer (not a bool or a float) in ``[0, limit]``: every seed that enters efface (an erasure's,
+    an attack's, a generation's; ``limit`` 2**64 - 1 for per-image seeds, which only torch reads)."""
+    import operator
+
+    from efface.errors import InputError
+
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= limit:
+        raise InputError(f"{what} must be an integer in [0, {limit}], not {seed!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """A named set of option values for a method's or an attack's config, applied on top of its

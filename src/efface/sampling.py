@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from efface.config import check_bounds
+from efface.config import check_bounds, check_seed
 from efface.errors import InputError
 from efface.io import atomic_dir
 from efface.models.families import Conditioning, family_of
@@ -66,7 +66,9 @@ def generate_many(pipe, prompts: list[str | torch.Tensor], config: GenerationCon
     config = config or GenerationConfig()
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    seed = check_seed(seed)
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
+    seeds = [check_seed(s, f"seeds[{i}]", limit=2**64 - 1) for i, s in enumerate(seeds)]
     family = family_of(pipe)
     height, width = config.height, config.width
     if height is None or width is None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from efface.config import Preset, check_bounds, resolve
+from efface.config import Preset, check_bounds, check_seed, resolve
 from efface.errors import InputError
 from efface.io import atomic_dir
 from efface.models.families import family_of
@@ -269,9 +269,11 @@ class Attack(ABC, Generic[C]):
         """Attack every prompt; image ``i`` is generated with ``seeds[i]`` (default ``seed + i``).
         ``judge(images, concept) -> [bool]``, if given, lets attacks stop early once the concept is back."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seed = check_seed(seed)
         seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise InputError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt")
+        seeds = [check_seed(s, f"seeds[{i}]", limit=2**64 - 1) for i, s in enumerate(seeds)]
         self.check(erased_pipe, concept, prompts, original, target_images, features)
         gen = generation or GenerationConfig()
         if "target_images" in self.needs and target_images is None:

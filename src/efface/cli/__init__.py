@@ -77,8 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. text_encoder: AdvUnlearn's plug-in text encoder); repeat for several; it must "
                         "be one of the model's own")
     p.add_argument("--save-lora", action="store_true",
-                   help="also write the adapter as a LoRA plain diffusers loads (out/lora; spm: multiplier 1, "
-                        "no facilitated transport): pipe.load_lora_weights(out/lora)")
+                   help="also write the change as a LoRA plain diffusers loads (out/lora): "
+                        "pipe.load_lora_weights(out/lora); closed forms (uce, rece, mace) exactly, trained methods "
+                        "by a truncated SVD (--lora-rank), spm its membranes (multiplier 1, no facilitated "
+                        "transport); refused before any work where the change is not on Linear / Conv2d "
+                        "layers (esd-u, esd-all, salun, receler, ...)")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="with --save-lora: the LoRA's rank per layer (default: the exact rank for closed forms, "
+                        "the rank keeping 99%% of the change's energy for trained methods); the manifest "
+                        "reports the relative error")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save the training state every N iterations into <out>.work/ (removed once the artifact "
+                        "is written); rerunning the same command resumes from it (default: 0, off)")
     _add_model_options(p)
     p.set_defaults(func=cmd_erase)
 
@@ -165,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
     try:
+        if getattr(args, "seed", None) is not None:  # every command's --seed, before any work
+            cfg.check_seed(args.seed, "--seed")
         return args.func(args)
     except EffaceError as err:
         log.error("%s", err)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
+import shutil
+from pathlib import Path
 
 from efface import config as cfg
 from efface.cli.common import _load, _refuse_existing
 from efface.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -57,22 +62,41 @@ def cmd_erase(args: argparse.Namespace) -> int:
     from efface.toy.presets import method_setup
 
     cls = METHODS.get(args.method)  # unknown method / option / concept: fail before loading
-    if args.save_lora and not cls.exports_lora:
-        raise InputError(f"--save-lora: {args.method} has no LoRA export; methods with one: "
-                         f"{', '.join(n for n, c in METHODS.items() if c.exports_lora)}")
+    if args.lora_rank is not None and (not args.save_lora or args.lora_rank < 1):
+        raise InputError(f"--lora-rank {args.lora_rank}: give a rank of at least 1, with --save-lora")
     preset, inputs = method_setup(args.method, args.model, args.preset)  # "toy" only on a toy model
     method = cls(preset=preset, **inputs, **cfg.parse_assignments(cls.Config, args.set or [], owner=args.method))
+    if args.save_lora and (why := method.lora_refusal()):  # the class and its parameter set, before loading
+        raise InputError(f"--save-lora: {why}")
     request = ErasureRequest.build(args.concept, args.anchor, args.preserve or (), default_anchor=cls.default_anchor)
     _refuse_existing(args)
+    out = Path(args.out)
+    work = out.with_name(f"{out.name}.work")  # the checkpoint (--checkpoint-every)
+    if args.checkpoint_every < 0:
+        raise InputError(f"--checkpoint-every {args.checkpoint_every}: give a number of iterations (0: off)")
+    if not args.checkpoint_every and work.exists():
+        log.warning("%s holds a checkpoint; it is not used without --checkpoint-every", work)
     pipe = _load(args)
     _check_components(pipe, args.save_component or ())
-    erased = method.fit(pipe, request, seed=args.seed, progress=not args.quiet)
+    if args.save_lora:
+        method.check(pipe, request)  # the family first (its reason), then this model's layers, before any work
+        if why := method.lora_refusal(pipe):
+            raise InputError(f"--save-lora: {why}")
+    checkpoint = work if args.checkpoint_every else None
+    erased = method.fit(pipe, request, seed=args.seed, progress=not args.quiet, checkpoint=checkpoint,
+                        checkpoint_every=args.checkpoint_every)
     erased.save(args.out, pipe=pipe, save_pipeline=args.save_pipeline, components=tuple(args.save_component or ()),
-                lora=args.save_lora, overwrite=args.overwrite)
+                lora=args.save_lora, lora_rank=args.lora_rank, overwrite=args.overwrite)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     m = erased.manifest
     added = f", adapter {m['adapter']['kind']} ({m['adapter']['parameters']} parameters) added" if m["adapter"] else ""
     print(f"{args.out}: {m['method']} erased {', '.join(request.concepts)}; {m['tensors_changed']} tensors "
           f"({m['parameters_changed']} parameters) changed{added} in {m['seconds']:.1f} s")
+    if args.save_lora and m["lora"]["mode"] != "adapter":
+        lo = m["lora"]
+        print(f"{args.out}/{lo['file']}: LoRA ({lo['mode']}) on {lo['layers']} layers, rank <= {lo['max_rank']}, "
+              f"relative error {lo['relative_error']:.2e}")
     return 0
 
 

@@ -310,4 +310,5 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
                 total = total + cfg.retain_loss_w * F.mse_loss(predict(pipe, x_r, t, r_n).float(), target.float())
             return total
 
-        train_steps(loss, list(params.values()), cfg.iterations, lr=cfg.lr, name=self.name, progress=progress)
+        train_steps(loss, list(params.values()), cfg.iterations, lr=cfg.lr, name=self.name, progress=progress,
+                    state={"attack": state})  # the drawn concept row and the latest adversarial embeddings

@@ -17,16 +17,20 @@ import platform
 import random
 import time
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from efface.artifacts import FORMAT, ErasedModel, base_fingerprint, base_hash, touched_components
-from efface.config import Preset, check_bounds, resolve
+from efface.artifacts_lora import NOT_LORA_SETS, lora_refusal
+from efface.config import Preset, check_bounds, check_seed, resolve
 from efface.errors import InputError
 from efface.models.adapters import Adapter
+from efface.models.checkpoint import checkpointing
 from efface.models.diffusion import count_denoiser_evaluations
 from efface.models.families import family_of
 from efface.models.params import named_parameters, select
@@ -128,11 +132,31 @@ class ErasureMethod(ABC, Generic[C]):
     named_anchor: ClassVar[bool] = False  # whether the paper always maps the target onto a named concept
     parameter_set: ClassVar[str | None] = "all"  # the named set (efface.models.params) it may change; None: none
     preserves: ClassVar[bool] = False  # whether request.preserve enters the method's objective
-    exports_lora: ClassVar[bool] = False  # whether its adapter can be saved as a diffusers LoRA (ErasedModel.save(lora=True))
+    # how its result is saved as a diffusers LoRA (ErasedModel.save(lora=True), efface erase --save-lora):
+    # "exact" (closed forms: the change's exact rank), "svd" (trained: truncated SVD of the change),
+    # "adapter" (the adapter's own export: SPM), None (none: lora_note says why)
+    lora_export: ClassVar[str | None] = "svd"
+    lora_note: ClassVar[str] = ""
 
     def __init__(self, config: C | None = None, *, preset: str | Preset | None = None, **overrides):
         self.config, self.preset = resolve(self.Config, self.name, config, preset, overrides,
                                            self.Config.PRESETS)  # type: ignore[assignment]
+
+    def lora_refusal(self, pipe=None) -> str | None:
+        """Why this method's result cannot be saved as a diffusers LoRA, or None: known from the
+        class and its parameter set before any model is loaded, and with ``pipe`` checked against
+        that model's layers (a norm in the set, a component diffusers loads no LoRA into)."""
+        if self.lora_export is None:
+            return f"{self.name} has no LoRA export: {self.lora_note}"
+        if self.lora_export == "adapter":
+            return None
+        if self.parameter_set is None:
+            return f"{self.name} changes no weight of the model"
+        if self.parameter_set in NOT_LORA_SETS:
+            why = NOT_LORA_SETS[self.parameter_set]
+            return (f"{self.name} changes the parameter set {self.parameter_set!r}: {why}; "
+                    "a LoRA carries only Linear / Conv2d weights")
+        return lora_refusal(pipe, select(pipe, self.parameter_set)) if pipe is not None else None
 
     def check(self, pipe, request: ErasureRequest) -> None:
         """Everything that can be checked before work starts: the family, then the request."""
@@ -147,12 +171,22 @@ class ErasureMethod(ABC, Generic[C]):
         """Change the erased parameters of ``pipe`` in place; return the adapter, if the method adds one
         (uninstalled: the pipeline's processors and hooks as they were)."""
 
-    def fit(self, pipe, request: ErasureRequest, *, seed: int = 0, progress: bool = True) -> ErasedModel:
+    def fit(self, pipe, request: ErasureRequest, *, seed: int = 0, progress: bool = True,
+            checkpoint: str | Path | None = None, checkpoint_every: int = 0) -> ErasedModel:
         """Fit the erasure; the pipeline is left as it was, the result holds the changed tensors.
 
         Only the parameters the method may change (its ``parameter_set``) are copied (to the CPU)
         and restored; every other parameter is checked, through the base fingerprint, to be as it
-        was: a method that touched one outside its set is a bug, reported as such."""
+        was: a method that touched one outside its set is a bug, reported as such.
+
+        ``checkpoint``: a directory where every training loop saves its state every
+        ``checkpoint_every`` iterations (0: when each loop ends) and from which a rerun with the
+        same pipeline, request, options and seed resumes (:mod:`efface.models.checkpoint`); a
+        directory of another run is refused. It is left in place: remove it once the result is saved."""
+        if checkpoint_every < 0 or (checkpoint_every and checkpoint is None):
+            raise InputError(f"checkpoint_every={checkpoint_every}: give a count of 0 or more, with a checkpoint "
+                             "directory (checkpoint=...)")
+        seed = check_seed(seed)
         self.check(pipe, request)
         fingerprint, digest = base_fingerprint(pipe), base_hash(pipe)
         declared = select(pipe, self.parameter_set) if self.parameter_set else {}
@@ -168,7 +202,11 @@ class ErasureMethod(ABC, Generic[C]):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            with count_denoiser_evaluations() as unet_evaluations:
+            run = {"method": self.name, "preset": self.preset, "config": asdict(self.config),
+                   "request": asdict(request), "seed": seed, "base_sha256": digest}
+            saving = (checkpointing(checkpoint, every=checkpoint_every, run=run, generator=generator)
+                      if checkpoint is not None else nullcontext())
+            with count_denoiser_evaluations() as unet_evaluations, saving as session:
                 adapter = self._fit(pipe, request, generator, progress)
             seconds = time.perf_counter() - start
             if adapter is not None:
@@ -210,7 +248,10 @@ class ErasureMethod(ABC, Generic[C]):
             "tensors_changed": len(changed),
             "parameters_changed": int(sum(v.numel() for v in changed.values())),
             "adapter": adapter.describe() if adapter is not None else None,
+            "lora_export": self.lora_export,  # how save(lora=True) exports it (efface.artifacts_lora)
         }
+        if session is not None:  # loops restored from the checkpoint (key -> iteration); the costs are this run's
+            manifest["resumed"] = dict(session.resumed)
         manifest = json.loads(json.dumps(manifest, default=str))  # exactly what save/load round-trips
         log.info("%s: %d tensors (%d parameters) changed%s in %.1f s", self.name, len(changed),
                  manifest["parameters_changed"],
@@ -252,13 +293,17 @@ def register_method(name: str):
 
 
 def erase(pipe, method: str, concepts, *, anchor=None, preserve=(), seed: int = 0, progress: bool = True,
-          preset: str | Preset | None = None, **config) -> ErasedModel:
+          preset: str | Preset | None = None, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+          **config) -> ErasedModel:
     """Erase ``concepts`` from ``pipe`` with the registered ``method``; options go to its Config
     (and injected inputs, e.g. MACE's ``segmenter`` / ``image_source``, to its constructor).
 
     ``preset``: the paper's defaults (None, ``"paper"``) or a :class:`~efface.config.Preset`; the
     CPU-sized toy-sd schedules: ``preset=efface.toy.presets.method_preset(method)``, with
     ``**method_inputs(method)`` (what ``efface erase --model toy`` hands in).
+
+    ``checkpoint_dir`` / ``checkpoint_every``: save the training state there every that many
+    iterations and resume from it when called again the same way (:meth:`ErasureMethod.fit`).
 
     >>> erased = erase(pipe, "uce", ["circle"], preserve=["square"], seed=0)   # doctest: +SKIP
     >>> erased.apply(pipe)                                                       # doctest: +SKIP
@@ -268,4 +313,5 @@ def erase(pipe, method: str, concepts, *, anchor=None, preserve=(), seed: int = 
     cls = METHODS.get(method)
     instance = cls(preset=preset, **config)
     request = ErasureRequest.build(concepts, anchor, preserve, default_anchor=cls.default_anchor)
-    return instance.fit(pipe, request, seed=seed, progress=progress)
+    return instance.fit(pipe, request, seed=seed, progress=progress, checkpoint=checkpoint_dir,
+                        checkpoint_every=checkpoint_every)

@@ -81,6 +81,7 @@ from efface.errors import InputError, TrainingDiverged
 from efface.methods.base import ErasureRequest, MethodConfig, register_method
 from efface.methods.ca import OBJECT_TEMPLATES, ConceptAblation, noised, prompt_pairs
 from efface.methods.prompts import fill
+from efface.models.checkpoint import resumable
 from efface.models.diffusion import frozen_copy, predict, random_index, train_steps, trainable
 from efface.models.families import Conditioning, family_of
 from efface.models.text import encode, token_count
@@ -271,9 +272,15 @@ class DoCo(ConceptAblation):
             opt_d.step()
             return float(loss.detach())
 
-        bar = tqdm(range(cfg.warmup), desc=f"{self.name} (discriminator warm-up)", disable=not progress)
+        discriminator = {"discriminator": disc, "discriminator_optimizer": opt_d}  # checkpointed with the UNet's loop
+        warm = resumable(f"{self.name} (discriminator warm-up)", cfg.warmup, discriminator)
+        bar = tqdm(range(warm.start, cfg.warmup), desc=f"{self.name} (discriminator warm-up)", disable=not progress,
+                   initial=warm.start, total=cfg.warmup)
         for i in bar:
-            bar.set_postfix(loss_d=f"{step_d(*domains(False), i):.4g}")
+            warm.losses.append(step_d(*domains(False), i))
+            bar.set_postfix(loss_d=f"{warm.losses[-1]:.4g}")
+            warm.step(i + 1)
+        warm.finish()
         bar.close()
 
         def loss(i: int) -> torch.Tensor:
@@ -298,4 +305,4 @@ class DoCo(ConceptAblation):
             return l_adv.detach() + surrogate - surrogate.detach()
 
         train_steps(loss, params, cfg.iterations - cfg.warmup, lr=cfg.lr, name=self.name, progress=progress,
-                    optimizer="adamw", weight_decay=cfg.weight_decay)
+                    optimizer="adamw", weight_decay=cfg.weight_decay, state=discriminator)

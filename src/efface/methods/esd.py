@@ -89,6 +89,18 @@ Differences from the official code on every family, and why:
   into prompt contexts, one drawn per iteration: ``c`` = ``"a red circle"``, and the anchor side
   the same context without it (``"a red"``, or with the anchor). Only the ``toy`` presets of
   ``esd-x`` / ``esd-x-strict`` use it (toy-sd's token states depend on the whole caption).
+
+``reuse_trajectories`` (default 0: off, the official schedule above, draws unchanged) is **not**
+the official schedule. The official loop spends almost all its denoiser evaluations in the no-grad
+partial sampling of x_t: ``batch_size (2 step + 3)`` per iteration, ``step`` uniform in
+``[0, ddim_steps)`` (about 52 at 50 steps, batch 1). With ``k > 0``, every ``k`` iterations (and
+when a loop starts) ``trajectory_pool`` trajectories, each with its own concept row and x_T, are
+sampled whole (to step ``ddim_steps - 1``) by the ``sample_with`` model, every intermediate x_t
+kept; each iteration draws ``batch_size`` distinct latents of those ``ddim_steps x
+trajectory_pool``, each at its own step and timestep. That costs ``2 trajectory_pool (ddim_steps -
+1) / k + 3 batch_size`` evaluations per iteration; with ``sample_with="trained"`` an x_t is up to
+``k - 1`` iterations older than the model. RACE inherits the option (x_T per row as its target).
+docs/erasure.md ("ESD notes") has the toy-sd measurements.
 """
 
 from __future__ import annotations
@@ -102,8 +114,9 @@ import torch.nn.functional as F
 
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
 from efface.methods.prompts import draw_row, filled
-from efface.models.diffusion import (frozen_copy, initial_latents, predict, random_index, sample_to, sampler,
-                                     train_steps, trainable)
+from efface.errors import InputError
+from efface.models.diffusion import (frozen_copy, initial_latents, predict, random_index, sample_to,
+                                     sample_trajectory, sampler, train_steps, trainable)
 from efface.models.families import Conditioning, family_of
 from efface.models.text import encode
 
@@ -126,11 +139,24 @@ class ESDConfig(MethodConfig):
     templates: tuple[str, ...] = field(default=("{}",), metadata={"help": "prompt templates, '{}' is the concept "
                                                                           "(or anchor); one drawn per iteration "
                                                                           "(official: the bare concept)"})
+    reuse_trajectories: int = field(default=0, metadata={"help": "NOT the official schedule: k > 0 samples "
+                                                                  "trajectory_pool whole trajectories (every x_t "
+                                                                  "kept) every k iterations and draws each "
+                                                                  "iteration's batch from their x_t, one step per "
+                                                                  "row; 0 (official): fresh partial sampling every "
+                                                                  "iteration"})
+    trajectory_pool: int = field(default=1, metadata={"help": "trajectories sampled together for "
+                                                               "reuse_trajectories, each its own concept row and x_T"})
 
     def __post_init__(self) -> None:
-        self.check_bounds(at_least_one=("iterations", "ddim_steps", "batch_size"), positive=("lr",))
+        self.check_bounds(at_least_one=("iterations", "ddim_steps", "batch_size", "trajectory_pool"),
+                          positive=("lr",), non_negative=("reuse_trajectories",))
         self.check_choices(sample_with=("trained", "frozen"))
         self.check_templates("templates")
+        if self.reuse_trajectories and self.trajectory_pool * self.ddim_steps < self.batch_size:
+            raise InputError(f"reuse_trajectories draws batch_size ({self.batch_size}) distinct x_t from "
+                             f"trajectory_pool x ddim_steps = {self.trajectory_pool * self.ddim_steps}: "
+                             "sample more trajectories (trajectory_pool) or take a smaller batch")
 
 
 def esd_target(e_0: torch.Tensor, e_p: torch.Tensor, negative_guidance: float) -> torch.Tensor:
@@ -173,9 +199,11 @@ class ESD(ErasureMethod[ESDConfig]):
             empty = encode(pipe, [""]).to(den.device, den.dtype)
         timesteps = sampler(pipe, cfg.ddim_steps).timesteps
         params = trainable(pipe, self.parameter_set)
-        n = cfg.batch_size
+        n, size = cfg.batch_size, cfg.trajectory_pool
+        pool: dict[str, torch.Tensor] = {}  # reuse_trajectories: the trajectories' rows, x_T and every x_t
 
-        def loss(_: int) -> torch.Tensor:
+        def fresh() -> tuple[Conditioning, Conditioning, torch.Tensor, torch.Tensor, int]:
+            """The official draw: one concept row, one step, x_t sampled to it from fresh x_T."""
             k = draw_row(len(request.concepts), len(templates), generator)
             step = random_index(cfg.ddim_steps, generator)
             c = concepts[k].expand(n)
@@ -183,9 +211,28 @@ class ESD(ErasureMethod[ESDConfig]):
             x_T = initial_latents(pipe, n, generator)
             x_t = sample_to(pipe, c, empty, step, cfg.ddim_steps, cfg.start_guidance, generator, x_T,
                             denoiser=sampling)
-            t = timesteps[step]
+            return c, a, x_T, x_t, step
+
+        def reused(i: int) -> tuple[Conditioning, Conditioning, torch.Tensor, torch.Tensor, torch.Tensor]:
+            """``n`` distinct x_t of the pool, each at its own step (and so its own timestep); the pool
+            is resampled every ``reuse_trajectories`` iterations by the sampling model, to the last step."""
+            if not pool or i % cfg.reuse_trajectories == 0:
+                rows = torch.tensor([draw_row(len(request.concepts), len(templates), generator) for _ in range(size)])
+                x_T = initial_latents(pipe, size, generator)
+                x = sample_trajectory(pipe, concepts[rows.to(concepts.device)], empty, cfg.ddim_steps - 1,
+                                      cfg.ddim_steps, cfg.start_guidance, generator, x_T, denoiser=sampling)
+                pool.update(rows=rows, x_T=x_T, x=x)  # x: ddim_steps x size x latent
+            state = torch.randperm(cfg.ddim_steps * size, generator=generator)[:n].to(pool["x"].device)
+            step, j = state // size, state % size
+            rows = pool["rows"].to(j.device)[j]
+            return concepts[rows], anchors[rows], pool["x_T"][j], pool["x"][step, j], step
+
+        def loss(i: int) -> torch.Tensor:
+            c, a, x_T, x_t, step = reused(i) if cfg.reuse_trajectories else fresh()
+            t = timesteps[step.to(timesteps.device) if torch.is_tensor(step) else step]  # 0-d, or one per row
             with torch.no_grad():  # one batched call: the anchor's then the concept's output on the same x_t
-                e_0, e_p = predict(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([a, c]), denoiser=frozen).chunk(2)
+                e_0, e_p = predict(pipe, torch.cat([x_t, x_t]), t.repeat(2) if t.ndim else t, Conditioning.cat([a, c]),
+                                   denoiser=frozen).chunk(2)
             seen = c if perturb is None else perturb(c, x_t, t, x_T)
             e_n = predict(pipe, x_t, t, seen)
             return F.mse_loss(e_n.float(), esd_target(e_0, e_p, cfg.negative_guidance).float())

@@ -38,6 +38,10 @@ class LoRA(torch.nn.Module):
         """The weight update ``Delta W = B A`` (d_out x d_in) this LoRA adds to its projection."""
         return (self.up @ self.down).detach()
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)``, ``Delta W = B A``: d_out x rank and rank x d_in (what MACE's fusion reads)."""
+        return self.up.detach().clone(), self.down.detach().clone()
+
 
 class AttentionLoss:
     """The MACE LoRA loss: for every cross-attention layer, the Frobenius norm of the attention

@@ -13,7 +13,9 @@ projection (parameter set ``text_input``, on UNets exactly the cross-attention `
           = (lambda I + sum_l W_l^T W_l)^-1  sum_l W_l^T W_l^orig c
 
    computed for every token of the concept's padded prompt (start, words, end and padding tokens),
-   in float64 (``solve_dtype``). See :func:`adversarial_embedding`.
+   in float64 (``solve_dtype``). See :func:`adversarial_embedding`. The minimiser is linear in
+   ``c``: ``c' = c R`` with the d x d map ``R = (sum_l W_l^orig^T W_l)(lambda I + sum_l W_l^T
+   W_l)^-1`` (:func:`derivation_map`), one solve per round for every token of every concept.
 2. **Erase** it with UCE's closed form (paper, eq. 3): the rows of ``c'`` map to the guide's values
    ``v* = W_l c_guide`` (full padded guide prompt, token by token), while the empty prompt "" and the
    preserved concepts (full padded prompts) keep their current values::
@@ -21,7 +23,10 @@ projection (parameter set ``text_input``, on UNets exactly the cross-attention `
        W_l <- (lamb W_l + s_e sum v* c'^T + s_p sum W_l c_p c_p^T)(lamb I + s_e sum c' c'^T + s_p sum c_p c_p^T)^-1
 
    with ``preserve_scale`` and ``lamb`` the two weights of the paper's eq. 3 (both 0.1 in the
-   README); the solve is :meth:`UCE.edit`'s.
+   README); the solve is :meth:`UCE.edit`'s. The keys enter it only through ``C'^T C' = R^T (C^T
+   C) R`` and ``G^T C' = (G^T C) R`` (:class:`~efface.methods.uce.Grams`; ``C``: the concepts'
+   token rows, ``G``: the guide's), so ``C^T C`` and ``G^T C`` are formed once and a round costs
+   the same for 1 concept or 100: the d x d products, one solve, and one matrix product per layer.
 
 Defaults are those of the official code (github.com/CharlesGong12/RECE, ``train.py``, the README's
 example and ``scripts/nudity.sh``): 3 epochs, ``regular_scale=0.1``, ``erase_scale=1``,
@@ -61,7 +66,9 @@ sequence map, ``context_embedder``, whose input is at least as wide as its outpu
 on FLUX.1, to 1536 on SD3 medium), so after any edit an embedding with exactly the original
 outputs exists: the derivation constrains nothing and the rounds would not converge (on UNets
 the K / V layers together have many more outputs than inputs, which is what makes ``c'`` a
-finding). The prompts are encoded once, in batches.
+finding). Every distinct prompt is encoded once, in batches, the UCE stage's encodings shared with
+the rounds (both read whole padded prompts with the default ``uce_tokens="all"``). Measured on an
+SD 1.4-sized model: docs/erasure.md, "Closed forms at scale".
 
 >>> erased = erase(pipe, "rece", ["nudity"], epochs=3, regular_scale=0.1)    # doctest: +SKIP
 >>> erased = erase(pipe, "rece", ["Kelly McKernan"], anchor="art", epochs=1, regular_scale=1e-3)  # doctest: +SKIP
@@ -77,10 +84,9 @@ import torch
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.methods.uce import ENCODE_BATCH, OBJECT_TEMPLATES, UCE, SiteKeys
+from efface.methods.uce import OBJECT_TEMPLATES, UCE, Encodings, Grams, encode_each
 from efface.models.families import family_of
 from efface.models.params import get_parameter
-from efface.models.text import encode
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +152,28 @@ def adversarial_embedding(weights: Sequence[torch.Tensor], targets: Sequence[tor
 
 
 @torch.no_grad()
-def prompt_embeddings(pipe, prompts: list[str]) -> list[torch.Tensor]:
-    """Per prompt, its (T x d) token sequence over the whole padded length, as RECE uses it (the
-    text encoders run once per :data:`~efface.methods.uce.ENCODE_BATCH` prompts)."""
-    out: list[torch.Tensor] = []
-    for b in range(0, len(prompts), ENCODE_BATCH):
-        out.extend(encode(pipe, prompts[b : b + ENCODE_BATCH]).embeds.float())
-    return out
+def derivation_map(weights: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], lamb: float,
+                   *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The (d_in x d_in) map ``R`` with ``adversarial_embedding(weights, [c W_l^orig^T], lamb) = c R``
+    for every row ``c``: ``R = (sum_l W_l^orig^T W_l)(lamb I + sum_l W_l^T W_l)^-1``, one solve for
+    the tokens of every concept (``originals[l]``: ``W_l^orig``, the same shape as ``weights[l]``)."""
+    if len(weights) != len(originals) or not weights:
+        raise ValueError(f"need one original per weight, got {len(weights)} weights and {len(originals)} originals")
+    d_in, device = weights[0].shape[1], weights[0].device
+    gram = lamb * torch.eye(d_in, dtype=dtype, device=device)
+    cross = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+    for w, w_orig in zip(weights, originals):
+        w = w.to(dtype)
+        gram = gram + w.T @ w
+        cross = cross + w_orig.to(device, dtype).T @ w
+    return torch.linalg.solve(gram, cross, left=False)  # cross @ gram^-1
+
+
+@torch.no_grad()
+def prompt_embeddings(pipe, prompts: list[str], cache: Encodings | None = None) -> list[torch.Tensor]:
+    """Per prompt, its (T x d) token sequence over the whole padded length, as RECE uses it (every
+    distinct prompt encoded once, in batches: :func:`~efface.methods.uce.encode_each`)."""
+    return [c.embeds[0] for c in encode_each(pipe, prompts, cache=cache)]
 
 
 def sequence_sites(pipe) -> list[str]:
@@ -176,6 +197,7 @@ class RECE(ErasureMethod[RECEConfig]):
         for f in ("sd3", "flux")
     }
     parameter_set = "text_input"
+    lora_export = "exact"  # closed forms (UCE's, each round): the change at its exact numerical rank, untruncated
     preserves = True
 
     def _editor(self, *, erase_scale: float, preserve_scale: float, lamb: float, tokens: str = "last",
@@ -183,31 +205,37 @@ class RECE(ErasureMethod[RECEConfig]):
         return UCE(erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb, tokens=tokens,
                    solve_dtype=self.config.solve_dtype, **expansion)
 
+    def derivation_map(self, pipe, originals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The d x d map ``R`` (``solve_dtype``) with ``c' = c R`` for every token row ``c``: the
+        embedding that makes the current K/V projections of ``pipe`` give the ``originals``' outputs
+        (:func:`derivation_map`)."""
+        keys = sequence_sites(pipe)
+        return derivation_map([get_parameter(pipe, k).detach() for k in keys], [originals[k] for k in keys],
+                              self.config.regular_scale, dtype=getattr(torch, self.config.solve_dtype))
+
     def derive(self, pipe, concepts: list[torch.Tensor], originals: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """For each concept embedding (T x d), the embedding c' that makes the current K/V
         projections of ``pipe`` give the ``originals``' outputs for it (one joint solve)."""
-        dtype = getattr(torch, self.config.solve_dtype)
-        keys = sequence_sites(pipe)
-        weights = [get_parameter(pipe, k).detach() for k in keys]
-        device = weights[0].device
-        c = torch.cat(concepts).to(device, dtype)  # rows are independent: all concepts in one solve
-        targets = [c @ originals[k].to(device, dtype).T for k in keys]
-        derived = adversarial_embedding(weights, targets, self.config.regular_scale, dtype=dtype)
-        return list(derived.split([len(e) for e in concepts]))
+        r = self.derivation_map(pipe, originals)
+        return list((torch.cat(concepts).to(r.device, r.dtype) @ r).split([len(e) for e in concepts]))
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
         cfg = self.config
+        dtype = getattr(torch, cfg.solve_dtype)
         originals = {k: get_parameter(pipe, k).detach().clone() for k in sequence_sites(pipe)}
         uce = self._editor(erase_scale=cfg.uce_erase_scale, preserve_scale=cfg.uce_preserve_scale, lamb=cfg.uce_lamb,
                            tokens=cfg.uce_tokens, expand_prompts=cfg.uce_expand_prompts,
                            templates=cfg.uce_templates, guide_context=cfg.uce_guide_context)
-        uce.edit(pipe, uce.keys(pipe, request))
+        cache: Encodings = {}  # the UCE stage's encodings, shared with the rounds
+        uce.edit(pipe, uce.keys(pipe, request, cache))
         editor = self._editor(erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale, lamb=cfg.lamb)
         n = len(request.concepts)
-        embeddings = prompt_embeddings(pipe, [*request.concepts, *request.anchors, "", *request.preserve])
-        concepts, guide, preserve = embeddings[:n], torch.cat(embeddings[n : 2 * n]), torch.cat(embeddings[2 * n :])
+        embeddings = prompt_embeddings(pipe, [*request.concepts, *request.anchors, "", *request.preserve], cache)
+        device = next(iter(originals.values())).device
+        c, g, p = (torch.cat(e).to(device, dtype) for e in (embeddings[:n], embeddings[n : 2 * n], embeddings[2 * n :]))
+        cc, gc, pp = c.T @ c, g.T @ c, p.T @ p  # the rounds' keys are c R: only R changes
         for epoch in range(cfg.epochs):
-            derived = torch.cat(self.derive(pipe, concepts, originals))  # float64 (solve_dtype)
-            editor.edit(pipe, {"sequence": SiteKeys(derived, guide, preserve)},
+            r = self.derivation_map(pipe, originals)  # derived embeddings c' = c R
+            editor.edit(pipe, {"sequence": Grams(r.T @ cc @ r, gc @ r, pp)},
                         originals=originals if cfg.guide_values == "original" else None)
             log.info("rece: epoch %d/%d done", epoch + 1, cfg.epochs)

@@ -159,8 +159,11 @@ def _slot(key: str) -> str:
 @register_adapter("receler-erasers")
 class ReceLerErasers(Adapter):
     """One :class:`Eraser` per cross-attention processor key (``"...attn2.processor"``); installed,
-    each ``attn2`` returns ``o + E(o)``. For training it can be switched off (``active``), record
-    its outputs (``outputs``) and the concept's attention maps (``tokens`` -> ``maps``)."""
+    each ``attn2`` returns ``o + E(o)`` (installed with a strength s: ``o + s E(o)``). For training
+    it can be switched off (``active``), record its outputs (``outputs``) and the concept's
+    attention maps (``tokens`` -> ``maps``)."""
+
+    supports_strength = True
 
     def __init__(self, dims: dict[str, int], rank: int):
         super().__init__()
@@ -186,6 +189,8 @@ class ReceLerErasers(Adapter):
         unet = family_of(pipe).denoiser(pipe)
         modules = {k: _attention(unet, k) for k in self.dims}
 
+        strength = handle.strength  # ErasedModel.apply(pipe, scale=s): o + s E(o)
+
         def after(key, out, hidden, context):
             if self.tokens is not None:
                 self.maps[key] = concept_attention(modules[key], hidden, context, self.tokens)
@@ -194,7 +199,7 @@ class ReceLerErasers(Adapter):
             e = self.erasers[_slot(key)](out)
             if self.outputs is not None:
                 self.outputs[key] = e
-            return out + e
+            return out + (e if strength == 1.0 else strength * e)
 
         wrapped = wrap_attention_processors(unet, handle, lambda k: k in self.dims, after)
         if len(wrapped) != len(self.dims):
@@ -282,6 +287,9 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
     paper = ("Receler: Reliable Concept Erasing of Text-to-Image Diffusion Models via Lightweight Erasers "
              "(Huang et al., ECCV 2024), arXiv 2311.17717")
     parameter_set: ClassVar[str | None] = None  # adapter-only: changes no base tensor, the result is an adapter
+    lora_export = None
+    lora_note = ("its erasers are GELU MLPs added after each cross-attention (o + E(o)), not a change of a "
+                 "layer's weights: apply the artifact with efface")
     families: ClassVar[frozenset[str]] = frozenset({"sd", "sdxl"})
     family_notes: ClassVar[dict[str, str]] = {
         "sd3": "the erasers follow UNet cross-attention (attn2) and the mask reads its text-only attention maps; "
@@ -373,7 +381,7 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
         with erasers.installed(pipe):
             erasers.requires_grad_(True)
             train_steps(loss, list(erasers.parameters()), cfg.iterations, lr=cfg.lr, name=self.name,
-                        progress=progress)
+                        progress=progress, state={"adversarial_prompts": prompts, "attack_optimizer": attack})
         return erasers
 
 

@@ -136,7 +136,7 @@ class SPM(ErasureMethod[SPMConfig]):
     paper = ("One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing Applications "
              "(Lyu et al., CVPR 2024), arXiv 2312.16145")
     parameter_set: ClassVar[str | None] = None  # adapter-only: no base parameter changes (the membranes)
-    exports_lora = True  # ErasedModel.save(lora=True) / efface erase --save-lora
+    lora_export = "adapter"  # its membranes' own LoRA (ErasedModel.save(lora=True) / efface erase --save-lora)
     family_notes: ClassVar[dict[str, str]] = {
         "sdxl": "not ported to SDXL yet: facilitated transport reads the token ids the first text encoder "
                 "encoded, but SDXL conditions the UNet on both encoders' penultimate states (so only the cosine "

@@ -132,7 +132,11 @@ def _key(name: str) -> str:
 class SPMAdapter(Adapter):
     """SPM membranes (arXiv 2312.16145): one rank-``rank`` membrane per concept on ``layers`` (from
     :func:`membrane_layers`), scaled per batch row by facilitated transport (``transport=True``) or
-    by 1, composed as ``composition`` ("merged": the official code's, or "sum")."""
+    by 1, composed as ``composition`` ("merged": the official code's, or "sum"). Installed with a
+    ``strength`` s, every membrane's output is multiplied by s (as diffusers' adapter weight scales
+    the exported LoRA)."""
+
+    supports_strength = True
 
     def __init__(self, layers: dict[str, list[int]], concepts: list[str], rank: int = 1, alpha: float = 1.0,
                  composition: str = "merged", transport: bool = True):
@@ -209,8 +213,11 @@ class SPMAdapter(Adapter):
             state["m"] = self.last_rates = m
 
         forward_pre_hook(unet, handle, rates)
+        strength = handle.strength  # ErasedModel.apply(pipe, scale=s): the membranes' output times s
         forward_hooks({n: modules[n] for n in self.layers}, handle,
-                      lambda name, module, args, out: out + self.delta(name, args[0], state["m"]).to(out.dtype))
+                      lambda name, module, args, out: out + (strength * self.delta(name, args[0], state["m"])
+                                                             if strength != 1.0 else
+                                                             self.delta(name, args[0], state["m"])).to(out.dtype))
         handle.on_remove(lambda: state.clear())
 
     def delta(self, name: str, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

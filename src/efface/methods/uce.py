@@ -9,8 +9,17 @@ the old projection of its guide (anchor) and ``c_j`` the keys of preserved conce
     W = (lamb W_old + s_e sum_i v_i* c_i^T + s_p sum_j W_old c_j c_j^T)
         (lamb I     + s_e sum_i c_i c_i^T  + s_p sum_j c_j c_j^T)^-1
 
-all concepts in one solve per layer (their keys stacked), in float64 (``solve_dtype``) whatever the
-model's dtype. The text encoders run once per batch of prompts (every distinct prompt once).
+in float64 (``solve_dtype``) whatever the model's dtype. The keys of all concepts enter only
+through three d x d matrices, ``C^T C``, ``G^T C`` and ``P^T P`` (``C``, ``G``, ``P``: the stacked
+erase, guide and preserve keys, :class:`Grams`), so that every layer reading the same keys shares
+one solve: ``W = W_old M_keep + W_guide M_guide`` with ``M_keep = (lamb I + s_p P^T P) mat2^-1``
+and ``M_guide = s_e G^T C mat2^-1`` (``mat2`` the second factor above), one matrix product per
+layer, whatever the number of concepts. The text encoders run once per batch of prompts (every
+distinct prompt once) and, for keys at the prompts' own tokens (``tokens="last"``), only as far as
+the longest prompt of the batch where the encoders are causal (CLIP: SD, SDXL; ``Family.encode``'s
+``trim``): the states of a prompt's tokens do not depend on the padding after them. Keys from the
+padding (``tokens="all"``) and T5 states (SD3, Flux) are encoded to the full length. Measured on an
+SD 1.4-sized model: docs/erasure.md, "Closed forms at scale".
 
 What is edited, per family:
 
@@ -71,7 +80,7 @@ import torch
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.models.families import family_of
+from efface.models.families import Conditioning, family_of
 from efface.models.params import get_parameter
 from efface.models.text import encode, fill, token_count
 
@@ -115,6 +124,21 @@ class PromptKeys:
 
 
 @dataclass(frozen=True)
+class Grams:
+    """All that UCE's closed form reads of a site's keys (d x d each): ``erase`` ``C^T C``,
+    ``guide_erase`` ``G^T C`` and ``preserve`` ``P^T P`` (erase keys ``C``, their row-aligned
+    guide keys ``G``, preserved keys ``P``). Keys of any number of concepts reduce to these; RECE
+    forms them directly from its derived embeddings."""
+
+    erase: torch.Tensor
+    guide_erase: torch.Tensor
+    preserve: torch.Tensor
+
+    def to(self, device, dtype) -> Grams:
+        return Grams(*(t.to(device, dtype) for t in (self.erase, self.guide_erase, self.preserve)))
+
+
+@dataclass(frozen=True)
 class SiteKeys:
     """UCE's keys for the edit sites that read one input (``"sequence"`` or ``"pooled"``), stacked:
     ``erase`` (n x d), the ``guide`` keys row-aligned with them (n x d), whose values the erase keys
@@ -123,6 +147,10 @@ class SiteKeys:
     erase: torch.Tensor
     guide: torch.Tensor
     preserve: torch.Tensor
+
+    def grams(self, device, dtype) -> Grams:
+        c, g, p = (k.to(device, dtype) for k in (self.erase, self.guide, self.preserve))
+        return Grams(c.T @ c, g.T @ c, p.T @ p)
 
 
 def part_starts(pipe) -> list[int]:
@@ -138,10 +166,48 @@ def fits(pipe, text: str) -> bool:
     return all(token_count(t, text) <= t.model_max_length for t in toks if t is not None)
 
 
+Encodings = dict[tuple[str, bool], Conditioning]  # (prompt, trimmed) -> its conditioning (one row)
+
+
 @torch.no_grad()
-def concept_keys(pipe, prompts: list[str], tokens: str, positions: list[list[int]]) -> list[PromptKeys]:
-    """UCE's keys of ``prompts`` (float32, on the text encoders' device), the text encoders run
-    once per :data:`ENCODE_BATCH` distinct prompts.
+def encode_each(pipe, prompts: list[str], *, trim: bool = False, cache: Encodings | None = None) -> list[Conditioning]:
+    """Each prompt's conditioning (one row, float32), every distinct prompt not yet in ``cache``
+    encoded once, in batches (:func:`_batches`). ``trim``: each batch only as far as its longest
+    prompt where the family's text encoders are causal (``Family.encode``; rows of different
+    batches may then differ in length). ``cache`` (filled here) shares encodings between calls
+    (RECE: its UCE stage and its rounds)."""
+    cache = {} if cache is None else cache
+    todo = list(dict.fromkeys(p for p in prompts if (p, trim) not in cache))
+    for chunk in _batches(pipe, todo, trim):
+        cond = encode(pipe, chunk, trim=trim).float()
+        for r, prompt in enumerate(chunk):
+            cache[prompt, trim] = cond[r]
+    return [cache[p, trim] for p in prompts]
+
+
+def _batches(pipe, prompts: list[str], trim: bool) -> list[list[str]]:
+    """:data:`ENCODE_BATCH` prompts per batch; trimmed on a causal family, the prompts sorted by
+    length and as many per batch as fill the tokens of a full-length batch (each encoder call
+    reads all the encoder's weights, so fewer, fuller calls are faster; the same memory)."""
+    family = family_of(pipe)
+    if not (trim and family.causal_text):
+        return [prompts[b : b + ENCODE_BATCH] for b in range(0, len(prompts), ENCODE_BATCH)]
+    tok = family.tokenizer(pipe)
+    budget = ENCODE_BATCH * tok.model_max_length
+    batches: list[list[str]] = []
+    for n, prompt in sorted((token_count(tok, p), p) for p in prompts):
+        if not batches or (len(batches[-1]) + 1) * n > budget:  # sorted: n is the batch's longest
+            batches.append([])
+        batches[-1].append(prompt)
+    return batches
+
+
+@torch.no_grad()
+def concept_keys(pipe, prompts: list[str], tokens: str, positions: list[list[int]],
+                 cache: Encodings | None = None) -> list[PromptKeys]:
+    """UCE's keys of ``prompts`` (float32, on the text encoders' device), through :func:`encode_each`
+    (every distinct prompt once; ``"last"``: encoded only as far as the longest prompt of its
+    batch where the encoders are causal).
 
     ``positions[i]``: the rows of prompt ``i`` that hold the concept's last token, one per part of
     the sequence (``family.word_positions``, as :func:`in_context` gives them). ``"last"``: those
@@ -149,26 +215,17 @@ def concept_keys(pipe, prompts: list[str], tokens: str, positions: list[list[int
     length: SD 77 CLIP tokens, Flux the T5 sequence, SD3 each of both).
     """
     starts = part_starts(pipe)
-    where: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        where.setdefault(p, []).append(i)
-    unique = list(where)
-    out: list[PromptKeys | None] = [None] * len(prompts)
-    for b in range(0, len(unique), ENCODE_BATCH):
-        chunk = unique[b : b + ENCODE_BATCH]
-        cond = encode(pipe, chunk).float()
-        ends = [*starts[1:], cond.shape[1]]
-        for r, prompt in enumerate(chunk):
-            seq = cond.embeds[r]
-            pooled = None if cond.pooled is None else cond.pooled[r : r + 1].clone()
-            for i in where[prompt]:
-                pos = positions[i]
-                if len(pos) != len(starts) or not all(s <= q < e for q, s, e in zip(pos, starts, ends)):
-                    raise ValueError(f"positions {pos} of {prompt!r} do not lie in the sequence's parts "
-                                     f"{list(zip(starts, ends))}")
-                parts = tuple((seq[q : q + 1] if tokens == "last" else seq[q:e]).clone() for q, e in zip(pos, ends))
-                out[i] = PromptKeys(parts, pooled)
-    return out  # type: ignore[return-value]
+    out = []
+    for prompt, cond, pos in zip(prompts, encode_each(pipe, prompts, trim=tokens == "last", cache=cache), positions,
+                                 strict=True):
+        seq = cond.embeds[0]
+        ends = [*starts[1:], len(seq)]
+        if len(pos) != len(starts) or not all(s <= q < e for q, s, e in zip(pos, starts, ends)):
+            raise ValueError(f"positions {pos} of {prompt!r} do not lie in the sequence's parts "
+                             f"{list(zip(starts, ends))}")
+        parts = tuple(seq[q : q + 1] if tokens == "last" else seq[q:e] for q, e in zip(pos, ends))
+        out.append(PromptKeys(parts, cond.pooled))
+    return out
 
 
 def in_context(pipe, words: list[str], templates: tuple[str, ...],
@@ -241,16 +298,30 @@ def _align(erase: torch.Tensor, guide: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def normal_matrices(keys: SiteKeys, *, erase_scale: float, preserve_scale: float, lamb: float,
+def normal_matrices(keys: SiteKeys | Grams, *, erase_scale: float, preserve_scale: float, lamb: float,
                     device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
     """What the closed form of every layer reading ``keys`` shares (d x d each): ``mat2 = lamb I +
     s_e C^T C + s_p P^T P``, ``G^T C`` and ``P^T P`` (``C``, ``G``, ``P``: erase, guide and preserve
     keys), so that a layer's ``mat1 = lamb W + s_e W_guide G^T C + s_p W P^T P`` (the sums of the
     formula above, with ``v_i* = W_guide g_i``) and ``W_new = mat1 mat2^-1``."""
-    c, g, p = (k.to(device, dtype) for k in (keys.erase, keys.guide, keys.preserve))
-    pp = p.T @ p
-    mat2 = lamb * torch.eye(c.shape[1], dtype=dtype, device=device) + erase_scale * c.T @ c + preserve_scale * pp
-    return mat2, g.T @ c, pp
+    grams = keys.grams(device, dtype) if isinstance(keys, SiteKeys) else keys.to(device, dtype)
+    eye = torch.eye(grams.erase.shape[1], dtype=dtype, device=device)
+    mat2 = lamb * eye + erase_scale * grams.erase + preserve_scale * grams.preserve
+    return mat2, grams.guide_erase, grams.preserve
+
+
+@torch.no_grad()
+def edit_maps(keys: SiteKeys | Grams, *, erase_scale: float, preserve_scale: float, lamb: float,
+              device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two d x d maps every layer reading ``keys`` shares: ``W_new = W M_keep + W_guide M_guide``
+    with ``M_keep = (lamb I + s_p P^T P) mat2^-1`` and ``M_guide = s_e G^T C mat2^-1``: the closed
+    form of :func:`normal_matrices` with its one solve done once for all layers."""
+    mat2, guide_erase, pp = normal_matrices(keys, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
+                                            device=device, dtype=dtype)
+    d = mat2.shape[0]
+    keep = lamb * torch.eye(d, dtype=dtype, device=device) + preserve_scale * pp
+    maps = torch.linalg.solve(mat2, torch.cat([keep, erase_scale * guide_erase]), left=False)  # X mat2 = [.; .]
+    return maps[:d], maps[d:]
 
 
 @register_method("uce")
@@ -267,16 +338,18 @@ class UCE(ErasureMethod[UCEConfig]):
         "flux": "context_embedder (T5 key) and the pooled text embedder (CLIP pooled key), as uce_flux_edit.py",
     }
     parameter_set = "text_input"
+    lora_export = "exact"  # dW = (V* - W K) K^T M^-1: rank <= the number of erased keys (efface.artifacts_lora)
     preserves = True
 
     @torch.no_grad()
-    def edit(self, pipe, keys: dict[str, SiteKeys], originals: dict[str, torch.Tensor] | None = None) -> None:
+    def edit(self, pipe, keys: dict[str, SiteKeys | Grams], originals: dict[str, torch.Tensor] | None = None) -> None:
         """Solve and write every edit site of the family (``family.edit_sites``) in place, each with
-        the keys of what it reads (``keys["sequence"]``, ``keys["pooled"]``): one solve per site
-        for all concepts. Guide values are computed with ``originals`` (default: the current
-        weights), so that later edits (RECE) can keep mapping onto the original model's values;
-        preserved keys keep their current values. Values are the weight's alone: a site's bias
-        (SD3, Flux) stays, so its output ``W c + b`` maps onto the guide's ``W_old c_guide + b``."""
+        the keys of what it reads (``keys["sequence"]``, ``keys["pooled"]``; stacked keys or their
+        :class:`Grams`): one solve per kind of input for all concepts and layers (:func:`edit_maps`),
+        then one matrix product per layer. Guide values are computed with ``originals`` (default:
+        the current weights), so that later edits (RECE) can keep mapping onto the original model's
+        values; preserved keys keep their current values. Values are the weight's alone: a site's
+        bias (SD3, Flux) stays, so its output ``W c + b`` maps onto the guide's ``W_old c_guide + b``."""
         cfg = self.config
         dtype = getattr(torch, cfg.solve_dtype)
         shared: dict[tuple[str, torch.device], tuple[torch.Tensor, ...]] = {}
@@ -285,26 +358,29 @@ class UCE(ErasureMethod[UCEConfig]):
                 raise KeyError(f"no {site.reads!r} keys for the edit site {site.key}")
             param = get_parameter(pipe, site.key)
             if (site.reads, param.device) not in shared:
-                shared[site.reads, param.device] = normal_matrices(
-                    keys[site.reads], erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale,
-                    lamb=cfg.lamb, device=param.device, dtype=dtype)
-            mat2, guide_erase, pp = shared[site.reads, param.device]
+                keep, guide = edit_maps(keys[site.reads], erase_scale=cfg.erase_scale,
+                                        preserve_scale=cfg.preserve_scale, lamb=cfg.lamb, device=param.device,
+                                        dtype=dtype)
+                shared[site.reads, param.device] = keep, guide, keep + guide
+            keep, guide, both = shared[site.reads, param.device]
             w = param.detach().to(dtype)  # preserved concepts keep their *current* output (W_old in the paper)
-            w_guide = originals[site.key].to(param.device, dtype) if originals is not None else w
-            mat1 = cfg.lamb * w + cfg.erase_scale * w_guide @ guide_erase + cfg.preserve_scale * w @ pp
-            param.data.copy_(torch.linalg.solve(mat2, mat1, left=False).to(param.dtype))  # mat1 @ mat2^-1
+            if originals is None:  # guide values from the current weights too
+                new = w @ both
+            else:
+                new = w @ keep + originals[site.key].to(param.device, dtype) @ guide
+            param.data.copy_(new.to(param.dtype))
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
         self.edit(pipe, self.keys(pipe, request))
 
-    def keys(self, pipe, request: ErasureRequest) -> dict[str, SiteKeys]:
+    def keys(self, pipe, request: ErasureRequest, cache: Encodings | None = None) -> dict[str, SiteKeys]:
         """The stacked keys of ``request`` per kind of site, each concept also in every template
-        when ``expand_prompts`` is on (every prompt encoded once)."""
+        when ``expand_prompts`` is on (every prompt encoded once; ``cache``: see :func:`encode_each`)."""
         cfg = self.config
         templates = cfg.templates if cfg.expand_prompts else ()
         erase, e_pos, guide, g_pos = in_context(pipe, list(request.concepts), templates, list(request.anchors),
                                                 guide_template=cfg.guide_context == "template")
         preserve, p_pos, _, _ = in_context(pipe, list(request.preserve), templates)
-        found = concept_keys(pipe, [*erase, *guide, *preserve], cfg.tokens, [*e_pos, *g_pos, *p_pos])
+        found = concept_keys(pipe, [*erase, *guide, *preserve], cfg.tokens, [*e_pos, *g_pos, *p_pos], cache)
         n, m = len(erase), len(erase) + len(guide)
         return stack_keys(found[:n], found[n:m], found[m:])

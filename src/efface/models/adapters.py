@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from efface.errors import ModelLoadError
+from efface.errors import InputError, ModelLoadError
 from efface.models.families import family_of
 from efface.registry import Registry
 
@@ -37,10 +37,13 @@ ADAPTERS: Registry = Registry("adapter")
 
 
 class Installed:
-    """Handle of an installed adapter: ``remove()`` undoes every change, last first (idempotent)."""
+    """Handle of an installed adapter: ``remove()`` undoes every change, last first (idempotent).
+    ``strength`` is the factor on the adapter's contribution this installation asked for (1: as
+    trained; only adapters with ``supports_strength`` take another)."""
 
-    def __init__(self) -> None:
+    def __init__(self, strength: float = 1.0) -> None:
         self._undo: list[Callable[[], None]] = []
+        self.strength = float(strength)
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)
@@ -55,6 +58,7 @@ class Adapter(torch.nn.Module, ABC):
     :meth:`spec` returns, and implement :meth:`_attach` (register undo steps on ``handle``)."""
 
     kind: ClassVar[str] = ""
+    supports_strength: ClassVar[bool] = False  # whether _attach scales its contribution by handle.strength
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:
@@ -64,11 +68,15 @@ class Adapter(torch.nn.Module, ABC):
     def _attach(self, pipe, handle: Installed) -> None:
         """Attach to ``pipe``; every change registered with ``handle.on_remove``."""
 
-    def install(self, pipe) -> Installed:
-        """Attach to ``pipe`` (moved to its denoiser's device and dtype) until ``remove()``."""
+    def install(self, pipe, *, strength: float = 1.0) -> Installed:
+        """Attach to ``pipe`` (moved to its denoiser's device and dtype) until ``remove()``; its
+        contribution times ``strength`` (refused unless 1 for adapters without ``supports_strength``)."""
+        if float(strength) != 1.0 and not self.supports_strength:
+            raise InputError(f"the {self.kind} adapter has no strength: it can only be applied as trained (scale 1), "
+                             f"not scaled by {strength}")
         denoiser = family_of(pipe).denoiser(pipe)
         self.to(device=denoiser.device, dtype=denoiser.dtype)
-        handle = Installed()
+        handle = Installed(strength)
         try:
             self._attach(pipe, handle)
         except BaseException:
@@ -77,8 +85,8 @@ class Adapter(torch.nn.Module, ABC):
         return handle
 
     @contextlib.contextmanager
-    def installed(self, pipe) -> Iterator[Adapter]:
-        handle = self.install(pipe)
+    def installed(self, pipe, *, strength: float = 1.0) -> Iterator[Adapter]:
+        handle = self.install(pipe, strength=strength)
         try:
             yield self
         finally:

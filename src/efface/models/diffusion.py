@@ -12,11 +12,13 @@ import copy
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from efface.errors import InputError, TrainingDiverged
+from efface.models.checkpoint import resumable
 from efface.models.families import Conditioning, denoiser_classes, family_of
 from efface.models.params import named_parameters, select
 
@@ -67,6 +69,23 @@ def sample_to(pipe, cond: Conditioning, uncond: Conditioning | None, stop_index:
     ``latents`` to fresh noise, one per row of ``cond``; ``eta > 0`` is stochastic DDIM, seeded by
     ``generator`` (UNet families).
     """
+    *_, x = _sampling(pipe, cond, uncond, stop_index, num_steps, guidance, generator, latents, denoiser, eta)
+    return x
+
+
+@torch.no_grad()
+def sample_trajectory(pipe, cond: Conditioning, uncond: Conditioning | None, stop_index: int, num_steps: int,
+                      guidance: float, generator: torch.Generator, latents: torch.Tensor | None = None, *,
+                      denoiser: torch.nn.Module | None = None, eta: float = 0.0) -> torch.Tensor:
+    """Every latent of :func:`sample_to`'s run: ``(stop_index + 1) x B x ...``, element ``k`` the
+    latent after ``k`` steps (``sample_to(..., k, ...)`` from the same x_T; element 0 is x_T as the
+    sampler starts it). Costs what ``sample_to(..., stop_index, ...)`` costs."""
+    return torch.stack(list(_sampling(pipe, cond, uncond, stop_index, num_steps, guidance, generator, latents,
+                                      denoiser, eta)))
+
+
+def _sampling(pipe, cond, uncond, stop_index, num_steps, guidance, generator, latents, denoiser, eta):
+    """The latents of the first ``stop_index`` sampling steps, x_T first (:func:`sample_to`)."""
     family = family_of(pipe)
     if not 0 <= stop_index <= num_steps:
         raise InputError(f"stop_index must be in [0, {num_steps}], not {stop_index}")
@@ -74,11 +93,12 @@ def sample_to(pipe, cond: Conditioning, uncond: Conditioning | None, stop_index:
     den = denoiser if denoiser is not None else family.denoiser(pipe)
     x = family.initial_latents(pipe, len(cond), generator) if latents is None else latents.to(den.device, den.dtype)
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    yield x
     scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     for t in scheduler.timesteps[:stop_index]:
         out = family.predict(pipe, scale(x, t), t, cond, guidance, uncond, denoiser=den)
         x = family.step(scheduler, out, t, x, eta, generator)
-    return x
+        yield x
 
 
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -108,12 +128,19 @@ def random_index(n: int, generator: torch.Generator, size: int | None = None):
 
 def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter], iterations: int, *,
                 lr: float, name: str, progress: bool = True, optimizer: str = "adam",
-                weight_decay: float = 0.0, max_grad_norm: float = 0.0) -> list[float]:
+                weight_decay: float = 0.0, max_grad_norm: float = 0.0,
+                state: dict[str, Any] | None = None) -> list[float]:
     """Minimise ``loss_fn(i)`` for ``iterations`` steps with Adam (or ``"adamw"``) over ``params``;
     ``max_grad_norm`` > 0 clips the gradients' global norm before each step.
 
     Raises :class:`~efface.errors.TrainingDiverged` naming ``name`` and the (1-based) iteration
     when the loss is NaN or infinite. Gradients are cleared afterwards; returns the losses.
+
+    Inside :func:`efface.models.checkpoint.checkpointing` (``ErasureMethod.fit`` with a checkpoint
+    directory) the loop is resumable: ``params``, the optimizer, the RNGs, the losses and ``state``
+    (name -> what ``loss_fn`` changes besides ``params``: a module, an optimizer, a dict or a list
+    of tensors; see :func:`~efface.models.checkpoint.resumable`) are saved every ``every``
+    iterations and at the end, and restored from there by a rerun.
     """
     if iterations < 1:
         raise InputError(f"{name}: iterations must be at least 1, not {iterations}")
@@ -123,8 +150,11 @@ def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Pa
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         raise InputError(f"optimizer must be 'adam' or 'adamw', not {optimizer!r}")
-    losses: list[float] = []
-    bar = tqdm(range(iterations), desc=name, disable=not progress)
+    if {"parameters", "optimizer"} & set(state or {}):
+        raise ValueError("train_steps: 'parameters' and 'optimizer' are the loop's own state names")
+    run = resumable(name, iterations, {"parameters": params, "optimizer": opt, **(state or {})})
+    losses = run.losses
+    bar = tqdm(range(run.start, iterations), desc=name, disable=not progress, initial=run.start, total=iterations)
     try:
         for i in bar:
             opt.zero_grad(set_to_none=True)
@@ -139,6 +169,8 @@ def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Pa
             opt.step()
             losses.append(value)
             bar.set_postfix(loss=f"{value:.4g}")
+            run.step(i + 1)
+        run.finish()
     finally:
         bar.close()
         for p in params:

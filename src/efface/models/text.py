@@ -24,10 +24,12 @@ def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-def encode(pipe, prompts: list[str] | str, *, grad: bool = False) -> Conditioning:
+def encode(pipe, prompts: list[str] | str, *, grad: bool = False, trim: bool = False) -> Conditioning:
     """The conditioning the pipeline's denoiser reads for ``prompts`` (B rows), through the
-    pipeline's own ``encode_prompt``; with ``grad``, gradients reach the text encoders."""
-    return family_of(pipe).encode(pipe, prompts, grad=grad)
+    pipeline's own ``encode_prompt``; with ``grad``, gradients reach the text encoders; with
+    ``trim``, on families whose text encoders are causal (CLIP: SD, SDXL), only as far as the
+    longest prompt (the states of its tokens unchanged; :meth:`Family.encode`)."""
+    return family_of(pipe).encode(pipe, prompts, grad=grad, trim=trim)
 
 
 def check_prompt(pipe, text: str, what: str = "concept") -> None:

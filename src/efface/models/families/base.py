@@ -16,6 +16,7 @@ flow matching, as diffusers' schedulers count them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -136,6 +137,9 @@ class Family:
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     # every named parameter set this family defines, with the one-line meaning for `efface list`
     parameter_sets: ClassVar[dict[str, str]] = {}
+    # every text encoder is causal (CLIP): a token's state does not depend on the tokens after it,
+    # so `encode(..., trim=True)` may stop at the longest prompt
+    causal_text: ClassVar[bool] = False
 
     # --- what the pipeline is made of -------------------------------------------------------------
     @classmethod
@@ -212,12 +216,38 @@ class Family:
             if tok is not None:
                 check_fits(tok, text, what)
 
-    def encode(self, pipe, prompts: list[str] | str, *, grad: bool = False) -> Conditioning:
-        """The conditioning of ``prompts`` through the pipeline's own ``encode_prompt``."""
+    def encode(self, pipe, prompts: list[str] | str, *, grad: bool = False, trim: bool = False) -> Conditioning:
+        """The conditioning of ``prompts`` through the pipeline's own ``encode_prompt``.
+
+        ``trim``: where every text encoder is causal (:attr:`causal_text`: CLIP), the sequence ends
+        with the longest prompt's end token instead of the tokenizers' padded length (77 on SD):
+        each token's state depends only on the tokens before it, so the states of the prompts' own
+        tokens are those of the full padded sequence (up to float rounding); only padding states
+        are missing. Elsewhere (a T5 encoder attends both ways: SD3, Flux) the full length."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), self._encoded_length(pipe, list(prompts), trim):
             return self._encode(pipe, list(prompts))
+
+    @contextmanager
+    def _encoded_length(self, pipe, prompts: list[str], trim: bool) -> Iterator[None]:
+        """Within the block, with ``trim`` on a causal family, the tokenizers pad (the pipeline's
+        ``encode_prompt`` pads to ``model_max_length``) only to the longest of ``prompts``."""
+        toks = [t for t in (getattr(pipe, n, None) for n in self.tokenizers) if t is not None]
+        if not (trim and self.causal_text and toks and prompts):
+            yield
+            return
+        limits = [t.model_max_length for t in toks]
+        convert = getattr(pipe, "maybe_convert_prompt", lambda p, t: p)  # multi-vector textual inversion tokens
+        longest = max(len(ids) for t in toks for ids in t(convert(prompts, t)).input_ids)
+        length = min(longest, *limits)  # one length for every tokenizer (SDXL concatenates their states)
+        try:
+            for t in toks:
+                t.model_max_length = length
+            yield
+        finally:
+            for t, limit in zip(toks, limits):
+                t.model_max_length = limit
 
     def _encode(self, pipe, prompts: list[str]) -> Conditioning:
         raise NotImplementedError

@@ -44,6 +44,7 @@ class UNetFamily(Family):
 
     denoiser_name: ClassVar[str] = "unet"
     parameter_sets: ClassVar[dict[str, str]] = UNET_SETS
+    causal_text: ClassVar[bool] = True  # CLIP text encoders (SD, SDXL: both)
     # UNet parameters ESD-u leaves out besides cross-attention (CompVis: time_embed and out.)
     not_noxattn: ClassVar[tuple[str, ...]] = ("time_embedding.", "conv_norm_out.", "conv_out.")
 
