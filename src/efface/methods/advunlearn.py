@@ -84,12 +84,13 @@ import torch
 import torch.nn.functional as F
 
 from efface.errors import InputError
-from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.esd import esd_target
 from efface.methods.prompts import draw_row, fill, filled
 from efface.models.diffusion import (frozen_copy, initial_latents, predict, random_index, sample_to, sampler,
                                      train_steps, trainable)
 from efface.models.families import Conditioning, family_of
+from efface.models.precision import master_dtype
 from efface.models.text import encode, replaced_token_embeddings, token_embedding
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ TRAIN_METHODS = {"text_encoder_full": "text_encoder_layers", "xattn": "xattn", "
 
 
 @dataclass
-class AdvUnlearnConfig(MethodConfig):
+class AdvUnlearnConfig(TrainingConfig):
     iterations: int = field(default=1000, metadata={"help": "upper-level (unlearning) steps"})
     lr: float = field(default=1e-5, metadata={"help": "Adam learning rate of the trained parameters"})
     train_method: str = field(default="text_encoder_full", metadata={
@@ -192,7 +193,7 @@ def prefix_attack(pipe, text: str, adv: Sequence[torch.Tensor],
     together) minimising ``|| model(x_t, t, tau([adv; prompt])) - e_p ||^2``, with
     ``(x_t, t, e_p) = draw()`` fresh each step and ``text`` from :func:`prefixed_prompt`. Model
     parameters get no gradient. Returns the embeddings and the loss before each step."""
-    adv = [a.detach().clone().requires_grad_(True) for a in adv]
+    adv = [a.detach().to(dtype=master_dtype(a.dtype), copy=True).requires_grad_(True) for a in adv]
     optimizer = torch.optim.Adam(adv, lr=lr)
     losses = []
     for _ in range(steps):

@@ -18,7 +18,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
@@ -34,6 +34,7 @@ from efface.models.checkpoint import checkpointing
 from efface.models.diffusion import count_denoiser_evaluations
 from efface.models.families import family_of
 from efface.models.params import named_parameters, select
+from efface.models.precision import TrainingOptions, training
 from efface.models.text import check_prompt
 from efface.registry import METHODS
 
@@ -117,6 +118,22 @@ class MethodConfig:
                 raise InputError(f"every template of {name} needs exactly one '{{}}' for the concept: {bad}")
 
 
+@dataclass
+class TrainingConfig(MethodConfig):
+    """Fields every training method has (how it trains, not what: :mod:`efface.models.precision`)."""
+
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "'auto': fp32 master weights and autocast when the pipeline is fp16 / bf16 (nothing changes in "
+                "fp32); 'off': train in the pipeline's own dtype"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the denoiser's activations in the backward pass (less memory, more time)"})
+    optimizer_8bit: bool = field(default=False, metadata={
+        "help": "bitsandbytes' 8-bit Adam / AdamW (needs the bitsandbytes package)"})
+
+    def training_options(self) -> TrainingOptions:
+        return TrainingOptions(self.mixed_precision, self.gradient_checkpointing, self.optimizer_8bit)
+
+
 C = TypeVar("C", bound=MethodConfig)
 
 
@@ -141,6 +158,8 @@ class ErasureMethod(ABC, Generic[C]):
     def __init__(self, config: C | None = None, *, preset: str | Preset | None = None, **overrides):
         self.config, self.preset = resolve(self.Config, self.name, config, preset, overrides,
                                            self.Config.PRESETS)  # type: ignore[assignment]
+        if isinstance(self.config, TrainingConfig):  # before any model loads (the CLI builds the method first)
+            self.config.training_options().check()
 
     def lora_refusal(self, pipe=None) -> str | None:
         """Why this method's result cannot be saved as a diffusers LoRA, or None: known from the
@@ -206,7 +225,9 @@ class ErasureMethod(ABC, Generic[C]):
                    "request": asdict(request), "seed": seed, "base_sha256": digest}
             saving = (checkpointing(checkpoint, every=checkpoint_every, run=run, generator=generator)
                       if checkpoint is not None else nullcontext())
-            with count_denoiser_evaluations() as unet_evaluations, saving as session:
+            options = self.config.training_options() if isinstance(self.config, TrainingConfig) else None
+            with (count_denoiser_evaluations() as unet_evaluations, saving as session,
+                  training(pipe, options) if options is not None else nullcontext()):
                 adapter = self._fit(pipe, request, generator, progress)
             seconds = time.perf_counter() - start
             if adapter is not None:

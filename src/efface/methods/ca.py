@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from efface.errors import InputError
-from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.prompts import fill
 from efface.models.diffusion import (add_noise, frozen_copy, num_train_timesteps, predict, random_index, sample_to,
                                      train_steps, trainable)
@@ -90,7 +90,7 @@ ANCHOR_BATCH = 16  # anchor images sampled per UNet call
 
 
 @dataclass
-class CAConfig(MethodConfig):
+class CAConfig(TrainingConfig):
     variant: str = field(default="model", metadata={"help": "'model'-based (paper's choice) or 'noise'-based target"})
     iterations: int = field(default=100, metadata={"help": "optimisation steps"})
     lr: float = field(default=1.6e-5, metadata={"help": "AdamW learning rate (official 2e-6 x batch 8)"})

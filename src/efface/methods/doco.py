@@ -78,7 +78,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from efface.errors import InputError, TrainingDiverged
-from efface.methods.base import ErasureRequest, MethodConfig, register_method
+from efface.methods.base import ErasureRequest, TrainingConfig, register_method
 from efface.methods.ca import OBJECT_TEMPLATES, ConceptAblation, noised, prompt_pairs
 from efface.methods.prompts import fill
 from efface.models.checkpoint import resumable
@@ -90,7 +90,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DoCoConfig(MethodConfig):
+class DoCoConfig(TrainingConfig):
     iterations: int = field(default=2000, metadata={"help": "training steps, warm-up included"})
     warmup: int = field(default=1000, metadata={"help": "first steps that train only the discriminator"})
     lr: float = field(default=4.8e-5, metadata={"help": "UNet AdamW learning rate (official 6e-6 x batch 8)"})

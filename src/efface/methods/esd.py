@@ -112,7 +112,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.prompts import draw_row, filled
 from efface.errors import InputError
 from efface.models.diffusion import (frozen_copy, initial_latents, predict, random_index, sample_to,
@@ -124,7 +124,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ESDConfig(MethodConfig):
+class ESDConfig(TrainingConfig):
     iterations: int = field(default=1000, metadata={"help": "optimisation steps, one concept each"})
     lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
     negative_guidance: float = field(default=1.0, metadata={"help": "negative guidance eta of the target"})

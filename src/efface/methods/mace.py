@@ -87,7 +87,7 @@ import torch
 from efface.config import Preset
 from efface.errors import InputError
 from efface.images import images_to_array
-from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.mace_attention import (AttentionLoss, MapRecorder, attention_processors, importance_weights,
                                            make_loras)
 from efface.methods.prompts import fill, word_end
@@ -117,7 +117,7 @@ LoRAFactors = tuple[torch.Tensor, torch.Tensor]  # (B, A): Delta W = B A
 
 
 @dataclass
-class MACEConfig(MethodConfig):
+class MACEConfig(TrainingConfig):
     lamb: float = field(default=1e3, metadata={"help": "weight of the stay-close term of both closed forms (lambda)"})
     train_preserve_scale: float = field(default=0.0, metadata={"help": "weight of preserved prompts in the CFR"})
     fuse_preserve_scale: float = field(default=0.0, metadata={"help": "weight of preserved prompts in the fusion"})

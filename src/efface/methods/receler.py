@@ -81,20 +81,21 @@ import torch
 import torch.nn.functional as F
 
 from efface.errors import InputError
-from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.esd import esd_target
 from efface.methods.prompts import draw_row, fill, filled, word_end
 from efface.models.adapters import Adapter, Installed, register_adapter, wrap_attention_processors
 from efface.models.diffusion import initial_latents, predict, random_index, sample_to, sampler, train_steps
 from efface.models.families import Conditioning, family_of
 from efface.models.params import cross_attention_modules, named_parameters
+from efface.models.precision import master_dtype
 from efface.models.text import encode
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ReceLerConfig(MethodConfig):
+class ReceLerConfig(TrainingConfig):
     iterations: int = field(default=500, metadata={"help": "eraser optimisation steps, one concept each"})
     lr: float = field(default=3e-4, metadata={"help": "Adam learning rate of the erasers"})
     rank: int = field(default=128, metadata={"help": "eraser bottleneck width (down / up projection rank)"})
@@ -342,7 +343,7 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
         timesteps = sampler(pipe, cfg.ddim_steps).timesteps
         dim = concepts.shape[-1]
         prompts = [torch.nn.Parameter(torch.rand((1, cfg.adversarial_tokens, dim), generator=generator)
-                                      .to(unet.device, unet.dtype)) for _ in request.concepts]  # P, per concept
+                                      .to(unet.device, master_dtype(unet.dtype))) for _ in request.concepts]  # P, per concept
         attack = torch.optim.Adam(prompts, lr=cfg.adversarial_lr, weight_decay=cfg.adversarial_weight_decay)
         n = cfg.batch_size
 

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from efface.errors import InputError
-from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.prompts import fill
 from efface.models.diffusion import (add_noise, frozen_copy, num_train_timesteps, predict, random_index, sample_to,
                                      train_steps, trainable)
@@ -90,7 +90,7 @@ SAMPLE_BATCH = 16  # forget / retain latents sampled per UNet call
 
 
 @dataclass
-class SalUnConfig(MethodConfig):
+class SalUnConfig(TrainingConfig):
     iterations: int = field(default=100, metadata={"help": "masked fine-tuning steps (official: one epoch "
                                                             "of 800 images at batch 8)"})
     lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from efface.errors import InputError
-from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
+from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.esd import esd_target
 from efface.methods.prompts import fill
 from efface.methods.spm_membranes import COMPOSITIONS, SPMAdapter, membrane_layers
@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SPMConfig(MethodConfig):
+class SPMConfig(TrainingConfig):
     iterations: int = field(default=3000, metadata={"help": "optimisation steps per concept"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (official: bitsandbytes' default)"})

@@ -186,18 +186,20 @@ def encode_each(pipe, prompts: list[str], *, trim: bool = False, cache: Encoding
 
 
 def _batches(pipe, prompts: list[str], trim: bool) -> list[list[str]]:
-    """:data:`ENCODE_BATCH` prompts per batch; trimmed on a causal family, the prompts sorted by
-    length and as many per batch as fill the tokens of a full-length batch (each encoder call
-    reads all the encoder's weights, so fewer, fuller calls are faster; the same memory)."""
+    """:data:`ENCODE_BATCH` prompts per batch; trimmed on a causal family, prompts of one token
+    count per batch (no padding at all), as many as fill the tokens of a full-length batch (the
+    same memory; each encoder call reads all the encoder's weights, so few, full calls)."""
     family = family_of(pipe)
     if not (trim and family.causal_text):
         return [prompts[b : b + ENCODE_BATCH] for b in range(0, len(prompts), ENCODE_BATCH)]
     tok = family.tokenizer(pipe)
     budget = ENCODE_BATCH * tok.model_max_length
     batches: list[list[str]] = []
+    last = None
     for n, prompt in sorted((token_count(tok, p), p) for p in prompts):
-        if not batches or (len(batches[-1]) + 1) * n > budget:  # sorted: n is the batch's longest
+        if n != last or (len(batches[-1]) + 1) * n > budget:
             batches.append([])
+            last = n
         batches[-1].append(prompt)
     return batches
 

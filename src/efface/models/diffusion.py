@@ -21,6 +21,7 @@ from efface.errors import InputError, TrainingDiverged
 from efface.models.checkpoint import resumable
 from efface.models.families import Conditioning, denoiser_classes, family_of
 from efface.models.params import named_parameters, select
+from efface.models.precision import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,10 @@ def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Pa
                 weight_decay: float = 0.0, max_grad_norm: float = 0.0,
                 state: dict[str, Any] | None = None) -> list[float]:
     """Minimise ``loss_fn(i)`` for ``iterations`` steps with Adam (or ``"adamw"``) over ``params``;
-    ``max_grad_norm`` > 0 clips the gradients' global norm before each step.
+    ``max_grad_norm`` > 0 clips the gradients' global norm before each step. Precision, gradient
+    checkpointing and the 8-bit optimizer follow the enclosing
+    :func:`efface.models.precision.training` block (fp32 master weights and autocast for fp16 /
+    bf16 parameters by default; nothing changes on fp32 models).
 
     Raises :class:`~efface.errors.TrainingDiverged` naming ``name`` and the (1-based) iteration
     when the loss is NaN or infinite. Gradients are cleared afterwards; returns the losses.
@@ -144,37 +148,34 @@ def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Pa
     """
     if iterations < 1:
         raise InputError(f"{name}: iterations must be at least 1, not {iterations}")
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise InputError(f"optimizer must be 'adam' or 'adamw', not {optimizer!r}")
-    if {"parameters", "optimizer"} & set(state or {}):
-        raise ValueError("train_steps: 'parameters' and 'optimizer' are the loop's own state names")
-    run = resumable(name, iterations, {"parameters": params, "optimizer": opt, **(state or {})})
+    if {"parameters", "optimizer", "masters", "loss_scale"} & set(state or {}):
+        raise ValueError("train_steps: 'parameters', 'optimizer', 'masters' and 'loss_scale' are the loop's own "
+                         "state names")
+    trainer = Trainer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+    run = resumable(name, iterations, {"parameters": params, **trainer.state(), **(state or {})})
     losses = run.losses
     bar = tqdm(range(run.start, iterations), desc=name, disable=not progress, initial=run.start, total=iterations)
     try:
         for i in bar:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(i)
+            trainer.zero_grad()
+            with trainer.autocast():
+                loss = loss_fn(i)
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()).all():
                 raise TrainingDiverged(f"{name}: the loss became {value} at iteration {i + 1} of {iterations}; "
                                        "nothing was kept. Lower the learning rate (lr=...) and try again")
-            loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
+            trainer.backward(loss)
+            trainer.step()
             losses.append(value)
             bar.set_postfix(loss=f"{value:.4g}")
             run.step(i + 1)
         run.finish()
     finally:
         bar.close()
-        for p in params:
-            p.grad = None
+        trainer.close()
+    if trainer.skipped:
+        log.warning("%s: %d of %d steps skipped (fp16 gradients overflowed; the loss scale adapted)", name,
+                    trainer.skipped, iterations)
     if losses:
         log.info("%s: loss %.4g -> %.4g over %d iterations", name, losses[0], losses[-1], len(losses))
     return losses
