@@ -24,7 +24,8 @@ from efface import load_pipeline
 from efface.benchmark.grid import request_for
 from efface.methods import erase
 from efface.registry import ATTACKS
-from efface.robustness import attack_success, toy_features, toy_judge, toy_prompts
+from efface.judges import toy_judge
+from efface.robustness import attack_success, toy_features, toy_prompts
 from efface.sampling import GenerationConfig
 from efface.toy.presets import attack_setup, method_setup
 

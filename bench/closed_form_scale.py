@@ -67,9 +67,11 @@ def clip_tokenizer(words: list[str], directory: str):
     return CLIPTokenizer.from_pretrained(directory)
 
 
-def sd14_pipeline():
+def sd14_pipeline(sample_size: int = 64, block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)):
     """SD 1.4's architecture with random weights: UNet (SD 1.x defaults, 768-d context), CLIP-L text
-    encoder (768 hidden, 12 layers, 12 heads, 3072 MLP, 77 positions, CLIP's 49408 ids), tiny VAE."""
+    encoder (768 hidden, 12 layers, 12 heads, 3072 MLP, 77 positions, CLIP's 49408 ids), tiny VAE.
+    ``sample_size``: the UNet's native latent side (64: 512 px); ``block_out_channels``: its widths
+    (SD 1.x's by default; narrower ones give a smaller UNet of the same layout)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -77,7 +79,8 @@ def sd14_pipeline():
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = clip_tokenizer(words, tmp)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD 1.x: the defaults
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=sample_size,
+                                block_out_channels=block_out_channels)  # SD 1.x: the defaults
     torch.manual_seed(0)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,

@@ -99,3 +99,18 @@ def family_pipe(family_dirs):
         return pipe
 
     return load
+
+
+@pytest.fixture(scope="module")
+def attack_pipes(tiny_sd_dir):
+    """``(original, erased)``: the tiny SD pipeline and a second one with UCE's erasure of "circle"
+    applied (the attack tests' pair)."""
+    from efface import load_pipeline
+    from efface.methods import erase
+
+    original = load_pipeline(str(tiny_sd_dir))
+    original.set_progress_bar_config(disable=True)
+    erased_pipe = load_pipeline(str(tiny_sd_dir))
+    erased_pipe.set_progress_bar_config(disable=True)
+    erase(original, "uce", ["circle"], seed=0, progress=False).apply(erased_pipe)
+    return original, erased_pipe

@@ -341,3 +341,23 @@ def test_save_pretrained_and_from_pretrained_are_save_and_load(fitted, tmp_path)
     loaded = ErasedModel.from_pretrained(tmp_path / "a")
     assert loaded.manifest == erased.manifest
     assert all(torch.equal(loaded.tensors[k], v) for k, v in erased.tensors.items())
+
+
+def test_applied_copy_shares_every_unchanged_weight_and_leaves_the_base(family_pipe):
+    from efface.methods import erase
+    from efface.models.params import named_parameters
+
+    pipe = family_pipe("sd")
+    before = {f"{c}.{n}": p.detach().clone() for c, n, p in named_parameters(pipe)}
+    erased = erase(pipe, "uce", ["circle"], progress=False)
+    twin = erased.applied_copy(pipe)
+    mine = {f"{c}.{n}": p for c, n, p in named_parameters(pipe)}
+    theirs = {f"{c}.{n}": p for c, n, p in named_parameters(twin)}
+    assert mine.keys() == theirs.keys() and erased.tensors
+    for key, p in theirs.items():
+        if key in erased.tensors:
+            assert p.data_ptr() != mine[key].data_ptr() and torch.equal(p.detach(), erased.tensors[key])
+        else:
+            assert p is mine[key]  # the same tensor: no second model in memory
+    assert twin.tokenizer is pipe.tokenizer and twin.scheduler is not pipe.scheduler
+    assert all(torch.equal(mine[k].detach(), v) for k, v in before.items())  # the base as it was

@@ -16,8 +16,6 @@ from efface.attacks.baselines import substitute
 from efface.attacks.unlearndiffatk import project_simplex, timesteps
 from efface.cli import main
 from efface.errors import InputError
-from efface.methods import erase
-from efface.models.loading import load_pipeline
 from efface.models.text import replaced_token_embeddings, token_embedding
 from efface.registry import ATTACKS
 from efface.robustness import attack_success
@@ -44,37 +42,27 @@ def test_every_registered_attack_has_a_tiny_budget():
     assert set(ATTACKS.names()) == set(TINY)
 
 
-@pytest.fixture(scope="module")
-def pipes(tiny_sd_dir):
-    original = load_pipeline(str(tiny_sd_dir))
-    original.set_progress_bar_config(disable=True)
-    erased_pipe = load_pipeline(str(tiny_sd_dir))
-    erased_pipe.set_progress_bar_config(disable=True)
-    erase(original, "uce", ["circle"], seed=0, progress=False).apply(erased_pipe)
-    return original, erased_pipe
-
-
 def pixel_features(images):
     """A real, simple image feature space: 8x8 thumbnails, flattened."""
     return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((8, 8)), dtype=np.float32)).flatten()
                         for im in images])
 
 
-def _run(name, pipes, seed=0):
-    original, erased_pipe = pipes
+def _run(name, attack_pipes, seed=0):
+    original, erased_pipe = attack_pipes
     attack = ATTACKS.get(name)(**TINY[name])
     return attack.run(erased_pipe, "circle", PROMPTS, original=original, seed=seed, generation=GEN, progress=False,
                       features=pixel_features)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_attack_contract(name, pipes, tmp_path):
-    original, erased_pipe = pipes
-    result = _run(name, pipes)
+def test_attack_contract(name, attack_pipes, tmp_path):
+    original, erased_pipe = attack_pipes
+    result = _run(name, attack_pipes)
     assert len(result.adversarial) == len(result.images) == len(PROMPTS)
     assert all(np.isfinite(np.asarray(im, dtype=float)).all() for im in result.images)
     assert all(isinstance(a.prompt, str) for a in result.adversarial)
-    again = _run(name, pipes)  # same seed, same adversarial prompts and images
+    again = _run(name, attack_pipes)  # same seed, same adversarial prompts and images
     assert [a.prompt for a in again.adversarial] == [a.prompt for a in result.adversarial]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, again.images))
     out = result.save(tmp_path / name)  # every adversarial prompt / embedding saved and replayable
@@ -84,8 +72,8 @@ def test_attack_contract(name, pipes, tmp_path):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, replayed))
 
 
-def test_attacks_refuse_to_run_without_what_they_need(pipes):
-    original, erased_pipe = pipes
+def test_attacks_refuse_to_run_without_what_they_need(attack_pipes):
+    original, erased_pipe = attack_pipes
     attack = ATTACKS.get("unlearndiffatk")(**TINY["unlearndiffatk"])
     with pytest.raises(InputError, match="needs images that show the concept"):
         attack.run(erased_pipe, "circle", PROMPTS, generation=GEN, progress=False)
@@ -119,8 +107,8 @@ def test_timesteps_are_the_official_schedule():
     assert timesteps(10) == list(range(50, 1000, 100))
 
 
-def test_replaced_token_embeddings_equal_encoding_those_tokens(pipes):
-    _, pipe = pipes
+def test_replaced_token_embeddings_equal_encoding_those_tokens(attack_pipes):
+    _, pipe = attack_pipes
     te, tok = pipe.text_encoder, pipe.tokenizer
     ids = tok(["a red circle"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     swapped = ids.clone()
@@ -139,8 +127,8 @@ def test_substitute_swaps_the_word_or_prepends():
     assert substitute("a red shape", "circle", "disc") == "disc, a red shape"
 
 
-def test_attack_success_counts_pre_attack_successes_in_asr(pipes):
-    original, erased_pipe = pipes
+def test_attack_success_counts_pre_attack_successes_in_asr(attack_pipes):
+    original, erased_pipe = attack_pipes
     calls = []
 
     def judge(images, concept):  # concept "present" in the first image without attack, and in every attacked one
@@ -176,11 +164,11 @@ def test_cli_attack_refuses_bad_input(tmp_path, tiny_sd_dir, caplog):
     assert "no built-in judge" in caplog.text
 
 
-def test_p4d_layouts_and_projection(pipes):
+def test_p4d_layouts_and_projection(attack_pipes):
     from efface.attacks.base import AttackContext
     from efface.attacks.p4d import P4DK, P4DN, nearest_tokens
 
-    _, pipe = pipes
+    _, pipe = attack_pipes
     tok = pipe.tokenizer
     ctx = AttackContext(pipe, "circle", ["a red circle"], [0], None, None, torch.Generator(), GEN, False)
     prompt = tok("a red circle").input_ids[1:-1]
@@ -197,10 +185,10 @@ def test_p4d_layouts_and_projection(pipes):
     assert nearest_tokens(table[rows] * 2.5, table).tolist() == rows.tolist()  # cosine: scale-free
 
 
-def test_concept_inversion_places_the_learned_token_where_the_concept_was(pipes):
+def test_concept_inversion_places_the_learned_token_where_the_concept_was(attack_pipes):
     from efface.attacks.concept_inversion import placeholder_ids, split_at
 
-    _, pipe = pipes
+    _, pipe = attack_pipes
     tok = pipe.tokenizer
     before, after = split_at("a red circle on dots", "circle")
     ids, pos = placeholder_ids(tok, before, after)
@@ -212,8 +200,8 @@ def test_concept_inversion_places_the_learned_token_where_the_concept_was(pipes)
     assert placeholder_ids(tok, "", "a red square")[1] == 1 and len(plain) < tok.model_max_length
 
 
-def test_mma_diffusion_never_uses_a_banned_token(pipes):
-    _, erased_pipe = pipes
+def test_mma_diffusion_never_uses_a_banned_token(attack_pipes):
+    _, erased_pipe = attack_pipes
     tok = erased_pipe.tokenizer
     attack = ATTACKS.get("mma-diffusion")(tokens=4, steps=3, topk=8, batch=16, banned_words=("red",))
     result = attack.run(erased_pipe, "circle", ["a red circle"], generation=GEN, progress=False)
@@ -233,8 +221,8 @@ def _tiny(family):
     return pipe
 
 
-def test_token_attacks_refuse_other_families_before_any_work_saying_why(pipes):
-    original, _ = pipes
+def test_token_attacks_refuse_other_families_before_any_work_saying_why(attack_pipes):
+    original, _ = attack_pipes
     sdxl = _tiny("sdxl")
     for name in sorted(TINY):
         cls = ATTACKS.get(name)

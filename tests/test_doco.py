@@ -122,3 +122,24 @@ def test_doco_refuses_flow_matching_families():
     from efface.methods.doco import DoCo
 
     assert DoCo.families == {"sd", "sdxl"} and {"sd3", "flux"} <= set(DoCo.family_notes)
+
+
+def test_doco_anchors_are_deterministic_dpm_solver_samples(family_pipe):
+    """The official anchors: DPM-Solver++ (the eta the official call passes is dropped); DDIM with
+    eta 1 (``anchor_sampler="default"``) draws fresh noise at each step."""
+    from efface.models.diffusion import initial_latents, sample_to, sampler
+    from efface.models.text import encode
+
+    pipe = family_pipe("sd")
+    assert DoCoConfig().anchor_sampler == "dpm++"
+    assert type(sampler(pipe, 4, "dpm++")).__name__ == "DPMSolverMultistepScheduler"
+    cond, empty = encode(pipe, ["a circle"]), encode(pipe, [""])
+    x_T = initial_latents(pipe, 1, torch.Generator().manual_seed(0))
+
+    def run(solver: str, seed: int) -> torch.Tensor:
+        return sample_to(pipe, cond, empty, 4, 4, 6.0, torch.Generator().manual_seed(seed), x_T, eta=1.0, solver=solver)
+
+    assert torch.equal(run("dpm++", 1), run("dpm++", 2))
+    assert not torch.equal(run("default", 1), run("default", 2))
+    with pytest.raises(InputError, match="not offered on sd3"):
+        sampler(family_pipe("sd3"), 4, "dpm++")

@@ -163,3 +163,31 @@ def test_train_steps_keeps_its_own_state_names():
     p = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(ValueError, match="masters"):
         train_steps(lambda i: p.sum(), [p], 1, lr=1e-3, name="x", progress=False, state={"masters": {}})
+
+
+def test_the_8bit_optimizer_trains_and_resumes(family_dirs, tmp_path, monkeypatch):
+    """bitsandbytes' 8-bit Adam where the package is installed (``pip install -e ".[8bit]"``)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from efface import load_pipeline
+
+    p = torch.nn.Parameter(torch.ones(4096))
+    trainer = Trainer([p], optimizer="adam", lr=1e-2, weight_decay=0.0, max_grad_norm=0.0,
+                      active=Active(TrainingOptions(optimizer_8bit=True)))
+    assert isinstance(trainer.optimizer, bnb.optim.Adam8bit)
+    losses = []
+    for _ in range(5):
+        trainer.zero_grad()
+        loss = (p**2).sum()
+        losses.append(float(loss.detach()))
+        trainer.backward(loss)
+        trainer.step()
+    assert losses[-1] < losses[0]
+    pipe = load_pipeline(family_dirs("sd"))
+    run = dict(seed=0, progress=False, optimizer_8bit=True, **{**ALL_CASES["esd-x"], "iterations": 4})
+    straight = erase(pipe, "esd-x", ["circle"], **run).tensors
+    with monkeypatch.context() as m:
+        killed_after(m, 2)
+        with pytest.raises(Killed):
+            erase(pipe, "esd-x", ["circle"], checkpoint_dir=tmp_path / "w", checkpoint_every=1, **run)
+    resumed = erase(pipe, "esd-x", ["circle"], checkpoint_dir=tmp_path / "w", checkpoint_every=1, **run).tensors
+    assert straight.keys() == resumed.keys() and all(torch.equal(v, resumed[k]) for k, v in straight.items())

@@ -170,3 +170,38 @@ def test_bad_options_are_refused():
 def test_sdxl_is_refused_before_work_with_the_reason(family_pipe):
     with pytest.raises(InputError, match="spm supports sd models, not sdxl: .*transport"):
         erase(family_pipe("sdxl"), "spm", ["circle"], progress=False)
+
+
+def test_the_official_learning_rate_schedule_warms_up_then_restarts_three_cosines():
+    from efface.methods.spm import SPMConfig
+    from efface.models.precision import cosine_with_restarts
+
+    cfg = SPMConfig()
+    assert (cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.lr_cycles) == ("cosine_with_restarts", 500, 3)
+    f = cosine_with_restarts(500, 3000, 3)
+    assert f(0) == 0 and f(250) == 0.5 and f(500) == 1.0
+    values = [f(i) for i in range(500, 3000)]
+    restarts = sum(1 for a, b in zip(values, values[1:]) if b > a + 0.5)
+    assert restarts == 2 and min(values) >= 0 and f(3000) == 0.0
+
+
+def test_train_steps_follows_the_schedule_step_by_step():
+    import torch
+
+    from efface.models.diffusion import train_steps
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    seen = []
+
+    def loss(i):
+        return (p - 1).pow(2).sum()
+
+    def schedule(i):
+        seen.append(i)
+        return 0.0 if i == 0 else 1.0
+
+    train_steps(loss, [p], 3, lr=0.1, name="s", progress=False, optimizer="adamw", lr_schedule=schedule)
+    assert seen == [0, 1, 2] and 0 < float(p) < 1  # steps 1 and 2 moved p
+    q = torch.nn.Parameter(torch.zeros(1))
+    train_steps(lambda i: (q - 1).pow(2).sum(), [q], 3, lr=0.1, name="s", progress=False, lr_schedule=lambda i: 0.0)
+    assert float(q) == 0.0  # at lr 0 nothing moves

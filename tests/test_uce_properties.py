@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from conftest import build_tiny_pipeline
 
 from efface.methods.base import ErasureRequest
-from efface.methods.uce import UCE, SiteKeys, edit_maps, in_context, normal_matrices, uce_solve
+from efface.methods.uce import UCE, SiteKeys, edit_maps, normal_matrices, uce_solve
+from efface.methods.uce_keys import in_context
 from efface.models.families import family_of
 from efface.models.params import get_parameter, select
 from efface.models.text import encode
@@ -62,7 +63,7 @@ def test_the_stacked_solve_is_the_per_concept_one(seed, n_concepts, n_pres, scal
     ref = uce_solve(w, cs, [c @ w_guide.T for c in gs], ps, erase_scale=se, preserve_scale=sp, lamb=lamb)
     keys = SiteKeys(torch.cat(cs), torch.cat(gs), torch.cat(ps) if ps else torch.zeros(0, d_in, dtype=torch.float64))
     mat2, guide_erase, pp = normal_matrices(keys, erase_scale=se, preserve_scale=sp, lamb=lamb, device=w.device)
-    new = torch.linalg.solve(mat2, lamb * w + se * w_guide @ guide_erase + sp * w @ pp, left=False)
+    new = torch.linalg.solve(mat2, lamb * w + se * w_guide @ guide_erase + w @ pp, left=False)  # pp: s_p P^T P
     torch.testing.assert_close(new, ref, atol=1e-9, rtol=1e-9)
     # the solve done once for every layer (edit_maps): W_new = W M_keep + W_guide M_guide, from the
     # keys or from their Gram matrices alone

@@ -264,6 +264,23 @@ class ErasedModel:
         finally:
             handle.remove()
 
+    def applied_copy(self, pipe, *, scale: float = 1.0):
+        """A second pipeline with this artifact applied, beside ``pipe`` (left as it is): the same
+        module structure, sharing every parameter the artifact does not change; only the changed
+        tensors, the modules around them, buffers and the scheduler are copied; tokenizers are
+        shared (a copied transformers tokenizer loses its decode wrapper). For holding the original
+        and the erased model at once (attacks, robustness) without a second model in memory."""
+        import copy
+
+        changed = set(self.tensors)
+        memo = {id(p): p for c, n, p in named_parameters(pipe) if f"{c}.{n}" not in changed}
+        for name, component in pipe.components.items():
+            if component is not None and not isinstance(component, torch.nn.Module) and name != "scheduler":
+                memo[id(component)] = component
+        twin = copy.deepcopy(pipe, memo)
+        self.apply(twin, scale=scale)
+        return twin
+
     def lora_refusal(self, pipe=None) -> str | None:
         """Why this artifact cannot be saved as a diffusers LoRA (``save(lora=True)``), or None."""
         if self.adapter is not None and not hasattr(self.adapter, "lora_state_dict"):

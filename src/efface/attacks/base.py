@@ -11,6 +11,14 @@ that everything declared in ``needs`` was given (before any work), seeds, attack
 generates each adversarial prompt's image with the prompt's own seed and returns an
 :class:`AttackResult`, which saves every adversarial prompt and embedding so that it can be
 replayed (:meth:`AttackResult.replay` regenerates the same images).
+
+Text replay. An adversarial prompt without an embedding is *text*: it is generated (and judged)
+exactly as the pipeline encodes that text, so anyone can type it and get the same image. The
+discrete-token attacks (UnlearnDiffAtk, P4D, Ring-A-Bell, MMA-Diffusion) judge the text by default,
+as their official codes do: they search over the token ids that survive decode and re-encode
+(:mod:`efface.attacks.text`), so the ids they optimise are
+the ids ``tokenizer(text)`` gives. ``replay="embedding"`` keeps the id-level variant (the found ids'
+text-encoder output is the prompt); its ASR is reported under its own name (``<attack>/embedding``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -32,6 +42,7 @@ from efface.config import Preset, check_bounds, check_seed, resolve
 from efface.errors import InputError
 from efface.io import atomic_dir
 from efface.models.families import family_of
+from efface.models.params import named_parameters
 from efface.registry import ATTACKS
 from efface.sampling import GenerationConfig, generate_many
 
@@ -109,6 +120,11 @@ class Adversarial:
     loss: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def replay(self) -> str:
+        """``"text"``: the image is the pipeline's for :attr:`prompt`; ``"embedding"``: for :attr:`embedding`."""
+        return "text" if self.embedding is None else "embedding"
+
 
 @dataclass
 class AttackContext:
@@ -126,11 +142,16 @@ class AttackContext:
     judge: Any = None  # judge(images, concept) -> [concept present]; attacks that stop early use it
     features: Any = None  # features(images) -> N x D; attacks that score images use it
     state: dict[str, Any] = field(default_factory=dict)  # what _prepare computes for _attack
+    learned: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> embedding(s) an attack learned
 
 
 @dataclass
 class AttackResult:
-    """The adversarial prompts of one run and the images they give on the erased model."""
+    """The adversarial prompts of one run and the images they give on the erased model.
+
+    ``indices`` / ``judged``: set by :func:`efface.robustness.attack_success`, the position of each
+    attacked prompt among the measured ones and the judged image of every measured prompt (its
+    pre-attack image, or its adversarial image where the attack ran), which :meth:`save` writes."""
 
     attack: str
     config: dict[str, Any]
@@ -142,42 +163,62 @@ class AttackResult:
     images: list
     generation: dict[str, Any]
     seconds: float = 0.0
+    indices: list[int] | None = None
+    judged: list | None = None
+    learned: dict[str, torch.Tensor] = field(default_factory=dict)  # placeholder token -> its learned embedding
+
+    def _image_paths(self) -> list[str]:
+        """Relative path of the image of each of this run's prompts, as :meth:`save` writes them."""
+        where = self.indices if self.indices is not None and self.judged is not None else range(len(self.prompts))
+        return [image_path(k) for k in where]
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (embeddings are saved apart, see :meth:`save`)."""
         return {
             "attack": self.attack, "config": self.config, "preset": self.preset, "concept": self.concept,
             "generation": self.generation, "seconds": round(self.seconds, 3),
-            "prompts": [{"prompt": p, "seed": s, "adversarial_prompt": a.prompt, "embedding": a.embedding is not None,
-                         "loss": a.loss, "meta": a.meta}
-                        for p, s, a in zip(self.prompts, self.seeds, self.adversarial)],
+            "placeholder_tokens": list(self.learned),
+            "prompts": [{"prompt": p, "seed": s, "adversarial_prompt": a.prompt, "replay": a.replay,
+                         "embedding": a.embedding is not None, "image": path, "loss": a.loss, "meta": a.meta}
+                        for p, s, a, path in zip(self.prompts, self.seeds, self.adversarial, self._image_paths())],
         }
 
     def save(self, out: str | Path, *, overwrite: bool = False, measures: dict[str, Any] | None = None) -> Path:
         """``attack.json`` (``measures`` at the top level, this run under ``"run"``),
-        ``embeddings.safetensors`` (continuous attacks), ``images/NNNN.png`` and ``grid.png``,
-        written atomically."""
+        ``embeddings.safetensors`` (prompts replayed from an embedding), ``images/NNNN.png``,
+        ``grid.png`` and, for attacks that learn a token (concept inversion, PUND),
+        ``learned_embeds.safetensors`` in diffusers' textual-inversion format (placeholder token ->
+        embedding; ``pipe.load_textual_inversion(path)``), its token also in ``attack.json``
+        (``placeholder_token``), written atomically. With :attr:`judged` (set by ``attack_success``), image
+        ``NNNN`` is the judged image of prompt ``NNNN`` of ``measures["prompts"]`` (every prompt);
+        otherwise of this run's prompt ``NNNN``."""
         from safetensors.torch import save_file
 
         from efface.sampling import make_grid
 
+        images = self.judged if self.judged is not None and self.indices is not None else self.images
         with atomic_dir(out, overwrite=overwrite) as tmp:
             data = {**(measures or {}), "run": self.summary()}
+            if self.learned:
+                data["placeholder_token"] = next(iter(self.learned))
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.learned.items()},
+                          str(tmp / LEARNED_EMBEDS))
             (tmp / "attack.json").write_text(json.dumps(data, indent=2, default=str))
-            if self.images:
-                make_grid(self.images).save(tmp / "grid.png")
+            if images:
+                make_grid(images).save(tmp / "grid.png")
             embeds = {f"prompt_{i:04d}": a.embedding.detach().cpu().contiguous()
                       for i, a in enumerate(self.adversarial) if a.embedding is not None}
             if embeds:
                 save_file(embeds, str(tmp / "embeddings.safetensors"))
             (tmp / "images").mkdir()
-            for i, im in enumerate(self.images):
-                im.save(tmp / "images" / f"{i:04d}.png")
+            for k, im in enumerate(images):
+                im.save(tmp / image_path(k))
         return Path(out)
 
     @classmethod
     def load(cls, path: str | Path) -> AttackResult:
-        """A saved run (images included), ready to :meth:`replay`."""
+        """A saved run (its images included), ready to :meth:`replay`. Reads the ``attack.json`` of
+        every efface version (runs saved before prompts named their image: ``images/`` in order)."""
         from PIL import Image
         from safetensors.torch import load_file
 
@@ -188,14 +229,27 @@ class AttackResult:
         embeds = load_file(str(path / "embeddings.safetensors")) if (path / "embeddings.safetensors").exists() else {}
         adversarial = [Adversarial(p["adversarial_prompt"], embeds.get(f"prompt_{i:04d}"), p["loss"], p["meta"])
                        for i, p in enumerate(data["prompts"])]
-        images = [Image.open(f).copy() for f in sorted((path / "images").glob("*.png"))]
+        if all("image" in p for p in data["prompts"]):
+            files = [path / p["image"] for p in data["prompts"]]
+        else:
+            files = sorted((path / "images").glob("*.png"))
+        images = [Image.open(f).copy() for f in files]
+        learned = load_file(str(path / LEARNED_EMBEDS)) if (path / LEARNED_EMBEDS).exists() else {}
         return cls(data["attack"], data["config"], data["preset"], data["concept"],
                    [p["prompt"] for p in data["prompts"]], [p["seed"] for p in data["prompts"]], adversarial,
-                   images, data["generation"], data.get("seconds", 0.0))
+                   images, data["generation"], data.get("seconds", 0.0), learned=learned)
 
     def replay(self, pipe) -> list:
         """The images of the saved adversarial prompts on ``pipe`` (the erased pipeline), regenerated."""
         return generate_adversarial(pipe, self.adversarial, self.seeds, GenerationConfig(**self.generation))
+
+
+LEARNED_EMBEDS = "learned_embeds.safetensors"  # the name diffusers' textual-inversion script writes
+
+
+def image_path(k: int) -> str:
+    """Relative path, in an attack directory, of image ``k``."""
+    return f"images/{k:04d}.png"
 
 
 def generate_adversarial(pipe, adversarial: list[Adversarial], seeds: list[int], gen: GenerationConfig) -> list:
@@ -206,6 +260,8 @@ def generate_adversarial(pipe, adversarial: list[Adversarial], seeds: list[int],
 
 
 C = TypeVar("C", bound=AttackConfig)
+TRAIN_SEED_OFFSET = 2**31 - 1  # seeds of training images: torch's CPU generator reads a seed's low 32 bits, so
+# an offset of 2^31 - 1 keeps them disjoint from any run of fewer than 2^31 judged seeds
 
 
 class Attack(ABC, Generic[C]):
@@ -218,10 +274,29 @@ class Attack(ABC, Generic[C]):
     needs: ClassVar[frozenset[str]] = frozenset()
     families: ClassVar[frozenset[str]] = frozenset({"sd"})  # model families (efface.models.families) it supports
     family_notes: ClassVar[dict[str, str]] = {}  # family -> why it is not supported (or what differs there)
+    # target images made by run() (none given) use the seeds seeds[i] + this: 0, the judged image's own
+    # seed (the original model's image of the prompt); TRAIN_SEED_OFFSET for attacks that *train* on the
+    # images (concept inversion), so that they are never judged on an image they were fitted to
+    target_seed_offset: ClassVar[int] = 0
 
     def __init__(self, config: C | None = None, *, preset: str | Preset | None = None, **overrides):
         self.config, self.preset = resolve(self.Config, self.name, config, preset, overrides,
                                            self.Config.PRESETS, kind="attack")  # type: ignore[assignment]
+
+    @property
+    def variant(self) -> str | None:
+        """``"embedding"`` when the attack runs its id-level variant (``replay="embedding"``: images
+        from the found ids' embedding, not from the text); None for the attack as published."""
+        return "embedding" if getattr(self.config, "replay", "text") == "embedding" else None
+
+    @property
+    def report_name(self) -> str:
+        """The name its measures are reported under: its own, or ``<name>/<variant>``."""
+        return f"{self.name}/{self.variant}" if self.variant else self.name
+
+    def uses_features(self) -> bool:
+        """Whether this run needs ``features=`` (an image feature extractor)."""
+        return "image_features" in self.needs
 
     def check(self, erased_pipe, concept: str, prompts: list[str], original, target_images, features=None) -> None:
         """Everything that can be checked before work starts: the inputs ``needs`` declares."""
@@ -237,13 +312,13 @@ class Attack(ABC, Generic[C]):
                 raise InputError(f"{self.name} needs {NEEDS['target_images']}")
             if target_images is not None and len(target_images) != len(prompts):
                 raise InputError(f"{len(target_images)} target images for {len(prompts)} prompts: give one per prompt")
-        if "image_features" in self.needs and features is None:
-            raise InputError(f"{self.name} needs {NEEDS['image_features']}")
         if erased_pipe is None:
             raise InputError(f"{self.name} needs the erased pipeline")
         self.check_family(erased_pipe)
         if "original_model" in self.needs:
             self.check_family(original, "the original model")
+        if self.uses_features() and features is None:
+            raise InputError(f"{self.name} needs {NEEDS['image_features']}")
 
     @classmethod
     def check_family(cls, pipe, what: str = "") -> None:
@@ -279,19 +354,37 @@ class Attack(ABC, Generic[C]):
         if "target_images" in self.needs and target_images is None:
             from efface.sampling import generate_many
 
-            target_images = generate_many(original, prompts, gen, seeds=seeds)  # the original model's images
+            target_images = generate_many(original, prompts, gen,  # the original model's images
+                                          seeds=[s + self.target_seed_offset for s in seeds])
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
         ctx = AttackContext(erased_pipe, concept.strip(), prompts, seeds, original, target_images,
                             torch.Generator("cpu").manual_seed(seed), gen, progress, judge, features)
         start = time.perf_counter()
-        self._prepare(ctx)
-        adversarial = [self._attack(ctx, i) for i in tqdm(range(len(prompts)), desc=self.name, disable=not progress)]
+        with frozen(erased_pipe, original):
+            self._prepare(ctx)
+            adversarial = [self._attack(ctx, i)
+                           for i in tqdm(range(len(prompts)), desc=self.name, disable=not progress)]
         seconds = time.perf_counter() - start
         images = generate_adversarial(erased_pipe, adversarial, seeds, gen)
         return AttackResult(self.name, asdict(self.config), self.preset, ctx.concept, prompts, seeds, adversarial,
-                            images, asdict(gen), seconds)
+                            images, asdict(gen), seconds, learned=dict(ctx.learned))
+
+
+@contextmanager
+def frozen(*pipes) -> Iterator[None]:
+    """Within the block no parameter of ``pipes`` (None skipped) requires a gradient, so attacks
+    backpropagate to their own variables only; the flags are restored on exit."""
+    params = {id(p): p for pipe in pipes if pipe is not None for _, _, p in named_parameters(pipe)}
+    flags = {k: p.requires_grad for k, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for k, p in params.items():
+            p.requires_grad_(flags[k])
 
 
 def register_attack(name: str):

@@ -7,15 +7,21 @@ token embedding ``v`` is learned from images of the concept so that the erased m
 (with a v-prediction model the target is the velocity: :func:`~efface.models.diffusion.add_noise`'s).
 
 Then every prompt is generated with the concept's word replaced by ``<v>`` (``<v>`` prepended when
-the prompt does not name it). Only ``v`` is trained; the models stay frozen.
+the prompt does not name it). Only ``v`` is trained; the models stay frozen. The learned token is
+saved in diffusers' textual-inversion format (``learned_embeds.safetensors``, token
+``<concept-inversion>``): ``pipe.load_textual_inversion(path)`` makes it usable in any prompt and any
+pipeline with that text encoder. Target images made by the attack (none given) come from the original model
+with seeds ``seed + 2**31 - 1``, never the judged images' seeds: the token is not fitted to the very
+image and noise it is then judged on.
 
-Defaults are the official runs (github.com/NYU-DICE-Lab/circumventing-concept-erasure, ``*/train.sh``,
-the diffusers textual-inversion script): 5000 steps, batch 4 x 4 accumulated, AdamW at 5e-3 scaled by
-the batch (``--scale_lr``: 0.08), weight decay 1e-2, constant schedule, initialised from "art".
-The images are the target images (one per attacked prompt: the original model's image of it; the
-official runs use 25 images of the concept prompt). Differences: no gradient accumulation (one batch
-of ``batch_size`` per step, lr given directly); a multi-token initializer starts from the mean of its
-token embeddings (diffusers requires a single token); images are not flipped.
+Defaults are the official runs (github.com/NYU-DICE-Lab/circumventing-concept-erasure,
+``*/train.sh``, the diffusers textual-inversion script): 5000 steps, batch 4 x 4 accumulated, AdamW
+at 5e-3 scaled by the batch (``--scale_lr``: 0.08), weight decay 1e-2, constant schedule,
+initialised from "art". The images are the target images (one per attacked prompt: the original
+model's image of it, made with a disjoint seed; the official runs use 25 images of the concept
+prompt). Differences: no gradient accumulation (one batch of ``batch_size`` per step, lr given
+directly); a multi-token initializer starts from the mean of its token embeddings (diffusers
+requires a single token); images are not flipped.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
-                                 clip_text, register_attack, target_latents)
+from efface.attacks.base import (CLIP_ONLY_NOTES, TRAIN_SEED_OFFSET, Adversarial, Attack, AttackConfig, AttackContext,
+                                 clip_states, clip_text, register_attack, target_latents)
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
 from efface.models.families import Conditioning
@@ -81,6 +87,7 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
              "arXiv 2308.01508")
     needs = frozenset({"erased_model", "target_images"})
     family_notes = CLIP_ONLY_NOTES
+    target_seed_offset = TRAIN_SEED_OFFSET  # trained on images it is never judged on
 
     def _prepare(self, ctx: AttackContext) -> None:
         cfg, pipe, g = self.config, ctx.erased, ctx.generator
@@ -97,16 +104,16 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
         steps = num_train_timesteps(pipe)
         loss_value = None
         for _ in range(cfg.steps):
-            pick = torch.randint(len(ctx.target_images), (cfg.batch_size,), generator=g)
+            pick = torch.randint(len(ctx.target_images), (cfg.batch_size,), generator=g).to(mean.device)
             caption = torch.randint(len(captions), (cfg.batch_size,), generator=g)
             x0 = mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g).to(mean.device, mean.dtype)
-            t = torch.randint(steps, (cfg.batch_size,), generator=g)
+            t = torch.randint(steps, (cfg.batch_size,), generator=g).to(mean.device)
             x_t, target = add_noise(pipe, x0, t, g)
             conds = []
             for c in caption.tolist():
                 ids, pos = captions[c]
                 with replaced_token_embeddings(te, [pos], vector.unsqueeze(0)):
-                    conds.append(clip_states(pipe, torch.tensor([ids])))
+                    conds.append(clip_states(pipe, torch.tensor([ids])))  # (clip_states moves ids to the encoder)
             pred = predict(pipe, x_t, t, Conditioning(torch.cat(conds)))
             loss = F.mse_loss(pred.float(), target.float())
             optimizer.zero_grad()
@@ -114,6 +121,7 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
             optimizer.step()
             loss_value = float(loss.detach())
         ctx.state["vector"], ctx.state["loss"] = vector.detach(), loss_value
+        ctx.learned[PLACEHOLDER] = vector.detach().to(table.dtype).unsqueeze(0)  # textual-inversion format: 1 x D
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         pipe = ctx.erased

@@ -13,14 +13,28 @@ ones (AdamW). Two registrations:
 * ``p4d-k``: one free token before every ``every_k`` tokens of the prompt, which stay fixed:
   ``[start, free, p1, p2, p3, free, p4, ..., end, pad...]`` (``len // every_k + 1`` free tokens).
 
+Selection (``selection="similarity"``, the official ``optimize_{n,k}.py``): every ``eval_every``
+steps (step 0 included) the current projected prompt is decoded, its image generated on the
+erased model from that text with the prompt's seed, and the prompt whose image is most similar
+(cosine of the image features, ``features=``; the official code: CLIP ViT-H/14) to the target
+image is kept after all ``iterations``. ``selection="judge"``: the benchmark's judge looks at the
+same images and the attack stops at the first success (the judge then takes part in the search).
+
+Text replay (default, as the official code judges the decoded text): the projection is onto the
+tokens that are whole words on their own (:func:`~efface.attacks.base.whole_word_tokens`) and,
+in ``p4d-k``, a free token that would fall inside a word of the prompt moves to the next word's
+start, so the decoded prompt re-tokenises to exactly the ids optimised. ``replay="embedding"``:
+the id-level variant (every token, the official positions, images from the ids' embedding;
+reported as ``p4d-n/embedding``).
+
 Defaults are the official nudity configs (github.com/joycenerd/P4D, ``configs/*_nudity_optmz_
 config.json``): N 16, every_k 3, 3000 iterations, AdamW lr 0.1, weight decay 0.1, an evaluation
 every 50 steps. The target image is the original model's image of the prompt and its seed (the
-official code takes the most unsafe of 3 such images). Differences from the official code: at each
-evaluation step the decoded prompt is judged by the benchmark's judge and the attack stops at the
-first success (the official code keeps the prompt whose image is most similar to the target under
-CLIP ViT-H, a model efface does not assume); the end-of-text token is kept in ``p4d-k`` (the official
-code overwrites it) and padding is the tokenizer's pad token (the official code pads with token 0).
+official code takes the most unsafe of 3 such images). Differences from the official code: the
+image features are handed in (toy-sd: the toy classifier's); the end-of-text token is kept in
+``p4d-k`` (the official code overwrites it) and padding is the tokenizer's pad token (the official
+code pads with token 0). ``meta``: the objective (the noise-matching error at fixed noises and
+timesteps) of the start tokens and of the last projection, and the kept prompt's similarity.
 """
 
 from __future__ import annotations
@@ -33,10 +47,13 @@ import torch.nn.functional as F
 
 from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
                                  clip_text, generate_adversarial, register_attack, target_latents)
+from efface.attacks.text import body_ids, check_replay, decode_text, whole_word_tokens
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
 from efface.models.families import Conditioning
-from efface.models.text import encode, replaced_token_embeddings, token_embedding
+from efface.models.text import encode, replaced_token_embeddings, token_embedding, tokenize
+
+SELECTIONS = ("similarity", "judge")
 
 
 @dataclass
@@ -46,10 +63,20 @@ class P4DConfig(AttackConfig):
     iterations: int = field(default=3000, metadata={"help": "AdamW steps"})
     lr: float = field(default=0.1, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    eval_every: int = field(default=50, metadata={"help": "steps between judged evaluations (early stop)"})
+    eval_every: int = field(default=50, metadata={"help": "steps between evaluations (image of the decoded prompt)"})
+    selection: str = field(default="similarity", metadata={
+        "help": "similarity: run every step, keep the prompt whose image is closest to the target (official); "
+                "judge: stop at the judge's first success"})
+    replay: str = field(default="text", metadata={
+        "help": "text: judge the decoded, re-tokenised prompt (official); embedding: the found ids' embedding"})
 
     def __post_init__(self) -> None:
         self.check_counts("prompt_length", "every_k", "iterations", "eval_every")
+        check_replay(self.replay)
+        if self.selection not in SELECTIONS:
+            raise InputError(f"selection must be 'similarity' (the official: keep the prompt whose image is most "
+                             f"similar to the target) or 'judge' (stop at the judge's first success), "
+                             f"not {self.selection!r}")
 
 
 def nearest_tokens(embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -67,14 +94,28 @@ class P4D(Attack[P4DConfig]):
     family_notes = CLIP_ONLY_NOTES
     insert: ClassVar[bool] = False  # p4d-k: free tokens inserted into the prompt
 
+    def uses_features(self) -> bool:
+        return self.config.selection == "similarity"
+
+    def _slots(self, tok, prompt: list[int]) -> list[int]:
+        """Where p4d-k's free tokens go: before prompt token ``j`` for ``j = 0, k, 2k, ...``; with text
+        replay a slot inside a word moves to the start of the next word (the end if none)."""
+        slots = list(range(0, len(prompt) + 1, self.config.every_k))
+        if self.config.replay != "text":
+            return slots
+        pieces = tok.convert_ids_to_tokens(prompt)
+        starts = [0] + [m + 1 for m, piece in enumerate(pieces) if piece.endswith("</w>")]
+        return [min((s for s in starts if s >= j), default=len(prompt)) for j in slots]
+
     def _layout(self, ctx: AttackContext, i: int) -> tuple[list[int], list[int]]:
         """Token ids (free slots hold a placeholder) and the free slots' positions."""
         tok, _ = clip_text(ctx.erased)
         if self.insert:
             prompt = tok(ctx.prompts[i], truncation=False).input_ids[1:-1]
             body: list[int | None] = []
-            for j in range(0, len(prompt) + 1, self.config.every_k):
-                body += [None, *prompt[j : j + self.config.every_k]]
+            slots = self._slots(tok, prompt)
+            for j, token in enumerate([*prompt, None]):
+                body += [None] * slots.count(j) + ([token] if token is not None else [])
         else:
             body = [None] * self.config.prompt_length
         ids = [tok.bos_token_id, *body, tok.eos_token_id]
@@ -89,28 +130,57 @@ class P4D(Attack[P4DConfig]):
         for i in range(len(ctx.prompts)):
             self._layout(ctx, i)  # every prompt fits before any work
         ctx.state["x0"] = target_latents(ctx.erased, ctx.target_images).mean
+        tok, te = clip_text(ctx.erased)
+        vocab = token_embedding(te).weight.shape[0]
+        ctx.state["allowed"] = whole_word_tokens(tok) if self.config.replay == "text" else torch.arange(vocab)
+        if self.config.selection == "similarity":
+            with torch.no_grad():
+                ctx.state["target_features"] = F.normalize(ctx.features(ctx.target_images).float(), dim=-1)
+
+    def _cond(self, ctx: AttackContext, i: int, adv: Adversarial) -> torch.Tensor:
+        """The erased model's conditioning of ``adv`` as it is judged (text: re-tokenised)."""
+        if adv.embedding is not None:
+            return adv.embedding
+        return clip_states(ctx.erased, tokenize(ctx.erased, [adv.prompt]))
+
+    @torch.no_grad()
+    def objective(self, ctx: AttackContext, i: int, tokens: torch.Tensor, unsafe) -> float:
+        """The noise-matching error of the prompt of ``tokens`` as judged, at 4 fixed (t, noise) pairs."""
+        cond = self._cond(ctx, i, self._adversarial(ctx, i, tokens, None, 0))
+        g, x0, steps = torch.Generator("cpu").manual_seed(ctx.seeds[i]), ctx.state["x0"][i : i + 1], 0
+        total = 0.0
+        for t in (num_train_timesteps(ctx.erased) * q // 8 for q in (1, 3, 5, 7)):
+            x_t, _ = add_noise(ctx.erased, x0, t, g)
+            wanted = predict(ctx.original, x_t, t, unsafe)
+            total += float(F.mse_loss(predict(ctx.erased, x_t, t, Conditioning(cond)).float(), wanted.float()))
+            steps += 1
+        return total / steps
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
-        cfg, pipe, g = self.config, ctx.erased, ctx.generator
+        cfg, pipe, g, allowed = self.config, ctx.erased, ctx.generator, ctx.state["allowed"]
         _, te = clip_text(pipe)
         table = token_embedding(te).weight.detach()
+        table = table[allowed.to(table.device)].float()  # the projection's vocabulary (text: whole-word tokens)
         ids, free = self._layout(ctx, i)
         ids_t = torch.tensor([ids])
-        start = torch.randint(table.shape[0], (len(free),), generator=g)
-        soft = table[start].clone().float().requires_grad_(True)
+        start = torch.randint(table.shape[0], (len(free),), generator=g).to(table.device)
+        soft = table[start].clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = num_train_timesteps(pipe)
         x0 = ctx.state["x0"][i : i + 1]
         with torch.no_grad():
             unsafe = encode(ctx.original, [ctx.prompts[i]])
-        tokens, loss_value, step = nearest_tokens(soft.detach(), table.float()), None, 0
-        for step in range(1, cfg.iterations + 1):
+        first = allowed[start.cpu()]
+        objective_start = self.objective(ctx, i, first, unsafe)
+        kept, kept_score, loss_value, step = first, float("-inf"), None, 0
+        for step in range(cfg.iterations):
+            projected = nearest_tokens(soft.detach(), table)
+            tokens = allowed[projected.cpu()]
             t = int(torch.randint(steps, (), generator=g))
             x_t, _ = add_noise(pipe, x0, t, g)  # the target is the original model's own prediction
             with torch.no_grad():
                 wanted = predict(ctx.original, x_t, t, unsafe)
-            tokens = nearest_tokens(soft.detach(), table.float())
-            hard = table[tokens].float() + soft - soft.detach()  # PEZ: the projected tokens' gradient moves soft
+            hard = table[projected] + soft - soft.detach()  # PEZ: the projected tokens' gradient moves soft
             with replaced_token_embeddings(te, free, hard):
                 cond = clip_states(pipe, ids_t)
             loss = F.mse_loss(predict(pipe, x_t, t, Conditioning(cond)).float(), wanted.float())
@@ -118,24 +188,47 @@ class P4D(Attack[P4DConfig]):
             loss.backward()
             optimizer.step()
             loss_value = float(loss.detach())
-            if step % cfg.eval_every == 0 and ctx.judge is not None:
-                tokens = nearest_tokens(soft.detach(), table.float())
-                image = generate_adversarial(pipe, [self._adversarial(ctx, i, tokens, loss_value, step)],
-                                             [ctx.seeds[i]], ctx.generation)
-                if ctx.judge(image, ctx.concept)[0]:
+            if step % cfg.eval_every == 0:  # the official evaluation of the tokens this step used
+                score = self._evaluate(ctx, i, tokens, loss_value, step)
+                if score is not None and score > kept_score:
+                    kept, kept_score = tokens, score
+                if cfg.selection == "judge" and score == 1.0:
                     break
-        tokens = nearest_tokens(soft.detach(), table.float())
-        return self._adversarial(ctx, i, tokens, loss_value, step)
+        last = allowed[nearest_tokens(soft.detach(), table).cpu()]
+        if cfg.selection == "judge" and kept_score < 1.0:
+            kept = last  # no success: the last projection, as before
+        adv = self._adversarial(ctx, i, kept, loss_value, step)
+        adv.meta |= {"objective_start": objective_start, "objective": self.objective(ctx, i, last, unsafe),
+                     "selection": cfg.selection, "score": kept_score if kept_score > float("-inf") else None}
+        return adv
+
+    def _evaluate(self, ctx: AttackContext, i: int, tokens: torch.Tensor, loss: float, step: int) -> float | None:
+        """The image of the decoded prompt, scored: its cosine similarity to the target image's
+        features (selection "similarity"), or 1.0 / 0.0 as the judge sees the concept (selection "judge")."""
+        if self.config.selection == "judge" and ctx.judge is None:
+            return None
+        adv = self._adversarial(ctx, i, tokens, loss, step)
+        image = generate_adversarial(ctx.erased, [adv], [ctx.seeds[i]], ctx.generation)
+        if self.config.selection == "judge":
+            return 1.0 if ctx.judge(image, ctx.concept)[0] else 0.0
+        with torch.no_grad():
+            feats = F.normalize(ctx.features(image).float(), dim=-1)
+        return float((feats[0] * ctx.state["target_features"][i].to(feats.device)).sum())
 
     def _adversarial(self, ctx: AttackContext, i: int, tokens: torch.Tensor, loss: float | None,
                      step: int) -> Adversarial:
+        tok, _ = clip_text(ctx.erased)
         ids, free = self._layout(ctx, i)
         for j, t in zip(free, tokens.tolist()):
             ids[j] = t
+        text = decode_text(tok, ids)
+        meta = {"tokens": tokens.tolist(), "steps": step}
+        if self.config.replay == "text":
+            body = [t for t in ids[1:] if t not in (tok.eos_token_id, tok.pad_token_id)]
+            return Adversarial(text, None, loss, meta | {"stable": body_ids(tok, text) == body})
         with torch.no_grad():
             embedding = clip_states(ctx.erased, torch.tensor([ids]))
-        text = clip_text(ctx.erased)[0].decode(ids, skip_special_tokens=True).strip()
-        return Adversarial(text, embedding, loss, meta={"tokens": tokens.tolist(), "steps": step})
+        return Adversarial(text, embedding, loss, meta)
 
 
 @register_attack("p4d-n")

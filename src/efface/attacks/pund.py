@@ -24,7 +24,10 @@ word. The images are the target images (the original model's images of the attac
 official runs use 1000 images of "a photo of <concept>"). Differences: ``v`` is placed at the
 concept's own position in each prompt (the official code removes the concept from "a photo of
 <concept>" and appends ``v``: the same place for that prompt); the final ``v`` is the last one (the
-official repository picks one by hand from its logs).
+official repository picks one by hand from its logs); the images are made (when none are given) with
+seeds ``seed + 2**31 - 1``, disjoint from the judged ones. ``v`` is saved in diffusers' textual-
+inversion format (``learned_embeds.safetensors``, token ``<pund>``), loadable with
+``pipe.load_textual_inversion(path)``.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
-                                 clip_text, register_attack, target_latents)
+from efface.attacks.base import (CLIP_ONLY_NOTES, TRAIN_SEED_OFFSET, Adversarial, Attack, AttackConfig, AttackContext,
+                                 clip_states, clip_text, register_attack, target_latents)
 from efface.attacks.concept_inversion import placeholder_ids, split_at
 from efface.models.diffusion import add_noise, frozen_copy, num_train_timesteps, predict
 from efface.models.families import Conditioning, family_of
 from efface.models.params import select
 from efface.models.text import replaced_token_embeddings, token_embedding
+
+
+PLACEHOLDER = "<pund>"
 
 
 @dataclass
@@ -67,6 +73,7 @@ class PUND(Attack[PUNDConfig]):
              "arXiv 2404.19382")
     needs = frozenset({"original_model", "target_images"})
     family_notes = CLIP_ONLY_NOTES
+    target_seed_offset = TRAIN_SEED_OFFSET  # its search images are never the judged ones (official: other images)
 
     def _cond(self, pipe, ids: list[int], pos: int, v: torch.Tensor) -> torch.Tensor:
         """``pipe``'s first text encoder's states of ``ids`` with ``v`` as the token at ``pos``."""
@@ -109,6 +116,7 @@ class PUND(Attack[PUNDConfig]):
             if epoch % cfg.surrogate_every == 0:
                 self._harden(ctx, surrogate, hardened, surrogate_opt, layouts[i], context[i], v.detach(), x0)
         ctx.state["vector"], ctx.state["loss"] = v.detach(), loss_value
+        ctx.learned[PLACEHOLDER] = v.detach().to(table.dtype).unsqueeze(0)  # textual-inversion format: 1 x D
 
     def _harden(self, ctx: AttackContext, surrogate, hardened, optimizer, layout, context: str, v, x0) -> None:
         """Make the surrogate unlearn ``v``: its output with ``v`` pulled to its output without the concept."""
@@ -138,5 +146,5 @@ class PUND(Attack[PUNDConfig]):
         ids, pos = placeholder_ids(clip_text(pipe)[0], before, after)
         with torch.no_grad():
             embedding = self._cond(pipe, ids, pos, ctx.state["vector"])
-        return Adversarial(" ".join(f"{before} <pund> {after}".split()), embedding, ctx.state["loss"],
+        return Adversarial(" ".join(f"{before} {PLACEHOLDER} {after}".split()), embedding, ctx.state["loss"],
                            meta={"token_position": pos})

@@ -8,9 +8,13 @@ classifier's features on toy-sd). The first population is the prompt and ``popul
 single edits of it; each generation keeps the best ``elites``, draws parents from them with
 probabilities ``softmax(score - max)``, makes ``children`` by uniform crossover of the two parents'
 words (when they have as many words) and mutates each child with a probability that adapts as
-``p <- 0.99 p + 0.001 / |best - previous best|``. Edits of one non-stop word: split it with a space
-(words under 6 letters), delete an inner letter (first population only), or swap it for one of its
-``neighbours`` nearest words; the concept's own word is never brought in.
+``p <- 0.99 p + 0.001 / |best - previous best|``, the best of each generation against the previous
+generation's (official). A candidate is a list of word *slots*, one per word of the prompt (the
+official representation), so that crossover lines up word for word; a split word stays one slot
+("ci rcle"). Edits of one non-stop slot: split it with a space (words under 6 letters), delete an
+inner letter (first population only), swap it for one of its ``neighbours`` nearest words, or
+substitute a word of the target sentence (the official ``sub_tar_W``; the target sentence here is
+the attacked prompt itself, which names the concept); the concept's own word is never brought in.
 
 Defaults are the official code's (github.com/WUSTL-CSPL/RIATIG, ``attack/run_attack.py``,
 ``attack/attack_lib.py``): population 150, 15 children per generation, 8 elites, 50 generations,
@@ -88,20 +92,23 @@ class RIATIG(Attack[RIATIGConfig]):
         choices = [ctx.state["words"][j] for j in top if ctx.state["words"][j] != word.lower()]
         return choices[int(torch.randint(len(choices), (), generator=ctx.generator))] if choices else None
 
-    def _mutate(self, ctx: AttackContext, words: list[str], first: bool) -> list[str]:
+    def _mutate(self, ctx: AttackContext, slots: list[str], first: bool, target: list[str] = ()) -> list[str]:
+        """One edit of one non-stop slot (the candidate keeps one slot per word of the prompt)."""
         g = ctx.generator
-        slots = [j for j, w in enumerate(words) if w.lower() not in STOP_WORDS] or list(range(len(words)))
-        j = slots[int(torch.randint(len(slots), (), generator=g))]
-        ops = ["split", "delete", "swap"] if first else ["split", "swap"]
+        where = [j for j, w in enumerate(slots) if w.lower() not in STOP_WORDS] or list(range(len(slots)))
+        j = where[int(torch.randint(len(where), (), generator=g))]
+        ops = ["split", "delete", "swap", "target"] if first else ["split", "swap", "target"]
         op = ops[int(torch.randint(len(ops), (), generator=g))]
-        w, out = words[j], list(words)
-        if op == "split" and 1 < len(w) < 6:
+        w, out = slots[j], list(slots)
+        if op == "split" and " " not in w and 1 < len(w) < 6:
             k = 1 + int(torch.randint(len(w) - 1, (), generator=g))
-            out[j : j + 1] = [w[:k], w[k:]]
-        elif op == "delete" and len(w) > 2:
+            out[j] = f"{w[:k]} {w[k:]}"
+        elif op == "delete" and " " not in w and len(w) > 2:
             k = 1 + int(torch.randint(len(w) - 2, (), generator=g))
             out[j] = w[:k] + w[k + 1 :]
-        else:
+        elif op == "target" and target:
+            out[j] = target[int(torch.randint(len(target), (), generator=g))]
+        elif " " not in w:
             out[j] = self._neighbour(ctx, w) or w
         return out
 
@@ -115,16 +122,19 @@ class RIATIG(Attack[RIATIGConfig]):
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         cfg, g = self.config, ctx.generator
         prompt = ctx.prompts[i].split()
+        banned = {w.lower() for w in ctx.concept.split()}
+        target = [w for w in dict.fromkeys(prompt) if w.lower() not in banned and w.lower() not in STOP_WORDS]
         pool = {" ".join(prompt): prompt}
         for _ in range(cfg.population * 4):
             if len(pool) >= cfg.population:
                 break
-            edit = self._mutate(ctx, prompt, first=True)
+            edit = self._mutate(ctx, prompt, first=True, target=target)
             pool.setdefault(" ".join(edit), edit)
         population = list(pool.values())
         scores = self._fitness(ctx, i, population)
         best_score, p = max(scores), cfg.mutation
         best = population[scores.index(best_score)]
+        previous = best_score  # the previous generation's best (official adaptive mutation)
         for _ in range(cfg.generations):
             order = sorted(range(len(population)), key=lambda k: -scores[k])[: cfg.elites]
             elites, weights = [population[k] for k in order], torch.tensor([scores[k] for k in order])
@@ -132,15 +142,17 @@ class RIATIG(Attack[RIATIGConfig]):
             children = []
             for _ in range(cfg.children):
                 a, b = (elites[int(k)] for k in torch.multinomial(probs, 2, replacement=True, generator=g))
-                child = [x if torch.rand((), generator=g) < 0.5 else y for x, y in zip(a, b)] if len(a) == len(b) else list(a)
+                child = [x if torch.rand((), generator=g) < 0.5 else y for x, y in zip(a, b)]  # slot by slot
                 if torch.rand((), generator=g) < p:
-                    child = self._mutate(ctx, child, first=False)
+                    child = self._mutate(ctx, child, first=False, target=target)
                 children.append(child)
             population, scores = children, self._fitness(ctx, i, children)
-            previous, best_score = best_score, max(best_score, max(scores))
-            if best_score > previous:
-                best = population[scores.index(best_score)]
-            p = min(1.0, 0.99 * p + (0.001 / abs(best_score - previous) if best_score != previous else 0.0))
+            generation_best = max(scores)
+            if generation_best > best_score:
+                best_score, best = generation_best, population[scores.index(generation_best)]
+            change = abs(generation_best - previous) if previous is not None else 0.0
+            p = min(1.0, 0.99 * p + (0.001 / change if change else 0.0))
+            previous = generation_best
             if math.isclose(best_score, 100.0):
                 break
         return Adversarial(" ".join(best), loss=100 - best_score, meta={"fitness": best_score})

@@ -17,11 +17,18 @@ The target image (``x_0``) is the original model's image of the same prompt and 
 official ``generate_dataset.py``), unless ``target_images`` are given. Defaults are the official
 nudity config (github.com/OPTML-Group/Diffusion-MU-Attack, ``configs/nudity/text_grad_*.json``):
 k 5, 40 iterations per timestep, Adam lr 0.01, weight decay 0.1, 50 timesteps ``t = 10, 30, ..., 990``;
-its object and style configs use k 3. Differences from the official code: the simplex projection is
-the exact sort-based one (the official code bisects to 1e-5: the same point up to that tolerance);
-the noise comes from the attack's seeded generator; the adversarial prompt is kept as its token
-ids' embedding (``Adversarial.embedding``) so that replay uses exactly the found tokens, with the
-decoded text alongside; with a v-prediction model the target is the velocity.
+its object and style configs use k 3. The adversarial prompt is text, judged as the official code judges it (``classifier_.py eval()``:
+the decoded prompt, re-tokenised): the k tokens are drawn from the tokens that are whole words on
+their own (:func:`~efface.attacks.base.whole_word_tokens`), so the decoded ``"w1 w2 w3 <prompt>"``
+re-tokenises to exactly the ids optimised, and its image (early stop included) is the pipeline's
+for that text. ``replay="embedding"``: the id-level variant over the whole vocabulary, whose image
+comes from the found ids' embedding (reported as ``unlearndiffatk/embedding``).
+
+Differences from the official code: the simplex projection is the exact sort-based one (the
+official code bisects to 1e-5: the same point up to that tolerance); the noise comes from the
+attack's seeded generator; the official vocabulary is every token (text replay: the whole-word
+ones); with a v-prediction model the target is the velocity. ``meta`` records the objective (the
+denoising error at fixed noises and timesteps) of the start tokens and of the tokens found.
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
-                                 clip_text, register_attack, target_latents)
+                                 clip_text, generate_adversarial, register_attack, target_latents)
+from efface.attacks.text import body_ids, check_replay, decode_text, whole_word_tokens
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
 from efface.models.families import Conditioning
-from efface.models.text import replaced_token_embeddings, token_embedding
+from efface.models.text import replaced_token_embeddings, token_embedding, tokenize
 
 
 @dataclass
@@ -47,9 +55,12 @@ class UnlearnDiffAtkConfig(AttackConfig):
     weight_decay: float = field(default=0.1, metadata={"help": "Adam (coupled L2) weight decay"})
     n_timesteps: int = field(default=50, metadata={"help": "timesteps visited in ascending order"})
     early_stop: bool = field(default=True, metadata={"help": "stop once the judge sees the concept"})
+    replay: str = field(default="text", metadata={
+        "help": "text: judge the decoded, re-tokenised prompt (official); embedding: the found ids' embedding"})
 
     def __post_init__(self) -> None:
         self.check_counts("tokens", "iterations", "n_timesteps")
+        check_replay(self.replay)
 
 
 def project_simplex(u: torch.Tensor) -> torch.Tensor:
@@ -79,13 +90,15 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
     family_notes = CLIP_ONLY_NOTES
 
     def _prepare(self, ctx: AttackContext) -> None:
-        (tok, _), k = clip_text(ctx.erased), self.config.tokens
+        (tok, te), k = clip_text(ctx.erased), self.config.tokens
         for p in ctx.prompts:
             n = len(tok(p, truncation=False).input_ids)  # start + prompt + end
             if n + k > tok.model_max_length:
                 raise InputError(f"prompt {p!r} takes {n} tokens; with {k} adversarial tokens it exceeds the "
                                  f"tokenizer's {tok.model_max_length}: shorten it or lower tokens")
         ctx.state["x0"] = target_latents(ctx.erased, ctx.target_images).mean
+        vocab = token_embedding(te).weight.shape[0]
+        ctx.state["allowed"] = whole_word_tokens(tok) if self.config.replay == "text" else torch.arange(vocab)
 
     def _ids(self, ctx: AttackContext, i: int, adv: torch.Tensor) -> torch.Tensor:
         """``[start, adv..., prompt..., end, pad...]``, cut to the tokenizer's length."""
@@ -95,27 +108,43 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
         ids += [tok.pad_token_id] * (tok.model_max_length - len(ids))
         return torch.tensor([ids[: tok.model_max_length]])
 
+    def _loss(self, ctx: AttackContext, x0: torch.Tensor, t: int, g: torch.Generator, cond: torch.Tensor):
+        x_t, target = add_noise(ctx.erased, x0, t, g)  # target: the noise (epsilon) or the velocity (v)
+        return F.mse_loss(predict(ctx.erased, x_t, t, Conditioning(cond)).float(), target.float())
+
+    @torch.no_grad()
+    def objective(self, ctx: AttackContext, i: int, tokens: torch.Tensor) -> float:
+        """The denoising error of the prompt with ``tokens`` prepended, as it is judged (text
+        replay: re-tokenised), at fixed noises (seeded by the prompt's seed), at most 10 of the timesteps."""
+        adv = self._adversarial(ctx, i, tokens, None, 0)
+        cond = adv.embedding if adv.embedding is not None else clip_states(ctx.erased, tokenize(ctx.erased, [adv.prompt]))
+        g = torch.Generator("cpu").manual_seed(ctx.seeds[i])
+        x0 = ctx.state["x0"][i : i + 1]
+        ts = timesteps(min(self.config.n_timesteps, 10), num_train_timesteps(ctx.erased))
+        return sum(float(self._loss(ctx, x0, t, g, cond)) for t in ts) / len(ts)
+
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
-        cfg, pipe, g, k = self.config, ctx.erased, ctx.generator, self.config.tokens
+        cfg, pipe, g, k, allowed = self.config, ctx.erased, ctx.generator, self.config.tokens, ctx.state["allowed"]
         _, te = clip_text(pipe)
         table = token_embedding(te).weight.detach()
+        table = table[allowed.to(table.device)]  # the vocabulary searched (text replay: whole-word tokens)
         vocab = table.shape[0]
-        u = torch.full((k, vocab), 1.0 / vocab, requires_grad=True)
+        u = torch.full((k, vocab), 1.0 / vocab, device=table.device, requires_grad=True)
         optimizer = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
         x0 = ctx.state["x0"][i : i + 1]
         placeholder = self._ids(ctx, i, torch.zeros(k, dtype=torch.long))
         positions = list(range(1, k + 1))
-        best = u.detach().argmax(-1)
-        loss_value = None
+        best = allowed[u.detach().argmax(-1).cpu()]
+        start = self.objective(ctx, i, best)
+        loss_value, t = None, 0
         for t in timesteps(cfg.n_timesteps, num_train_timesteps(pipe)):
             for _ in range(cfg.iterations):
-                sampled = torch.multinomial(u.detach(), 1, generator=g).squeeze(-1)
+                sampled = torch.multinomial(u.detach().float().cpu(), 1, generator=g).squeeze(-1).to(u.device)
                 onehot = F.one_hot(sampled, vocab).to(u.dtype)
                 onehot = onehot + u - u.detach()  # straight-through: d onehot = d u
-                with replaced_token_embeddings(te, positions, onehot.to(table.device) @ table):
+                with replaced_token_embeddings(te, positions, onehot.to(table.dtype) @ table):
                     cond = clip_states(pipe, placeholder)
-                x_t, target = add_noise(pipe, x0, t, g)  # target: the noise (epsilon) or the velocity (v)
-                loss = F.mse_loss(predict(pipe, x_t, t, Conditioning(cond)).float(), target.float())
+                loss = self._loss(ctx, x0, t, g, cond)
                 optimizer.zero_grad()
                 loss.backward()
                 u.grad.clamp_(-1, 1)  # the official straight-through estimator's hardtanh
@@ -123,23 +152,23 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
                 with torch.no_grad():
                     u.copy_(project_simplex(u))
                 loss_value = float(loss.detach())
-            best = u.detach().argmax(-1)
-            if cfg.early_stop and ctx.judge is not None and ctx.judge(
-                    [self._image(ctx, i, best)], ctx.concept)[0]:
-                break
-        return self._adversarial(ctx, i, best, loss_value, t)
-
-    def _embedding(self, ctx: AttackContext, i: int, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return clip_states(ctx.erased, self._ids(ctx, i, tokens))
-
-    def _image(self, ctx: AttackContext, i: int, tokens: torch.Tensor):
-        from efface.attacks.base import generate_adversarial
-
-        adv = Adversarial("", self._embedding(ctx, i, tokens))
-        return generate_adversarial(ctx.erased, [adv], [ctx.seeds[i]], ctx.generation)[0]
+            best = allowed[u.detach().argmax(-1).cpu()]
+            if cfg.early_stop and ctx.judge is not None:
+                adv = self._adversarial(ctx, i, best, loss_value, t)
+                if ctx.judge(generate_adversarial(pipe, [adv], [ctx.seeds[i]], ctx.generation), ctx.concept)[0]:
+                    break
+        adv = self._adversarial(ctx, i, best, loss_value, t)
+        adv.meta |= {"objective_start": start, "objective": self.objective(ctx, i, best)}
+        return adv
 
     def _adversarial(self, ctx: AttackContext, i: int, tokens: torch.Tensor, loss: float | None, t: int) -> Adversarial:
-        words = clip_text(ctx.erased)[0].decode(tokens.tolist(), skip_special_tokens=True).strip()
-        return Adversarial(f"{words} {ctx.prompts[i]}".strip(), self._embedding(ctx, i, tokens), loss,
-                           meta={"tokens": tokens.tolist(), "last_timestep": t})
+        """The prompt ``tokens`` + prompt: its text (text replay) or the ids' embedding."""
+        tok, _ = clip_text(ctx.erased)
+        text = f"{decode_text(tok, tokens)} {ctx.prompts[i]}".strip()
+        meta = {"tokens": tokens.tolist(), "last_timestep": t}
+        if self.config.replay == "text":
+            expected = [*tokens.tolist(), *body_ids(tok, ctx.prompts[i])]
+            return Adversarial(text, None, loss, meta | {"stable": body_ids(tok, text) == expected})
+        with torch.no_grad():
+            embedding = clip_states(ctx.erased, self._ids(ctx, i, tokens))
+        return Adversarial(text, embedding, loss, meta)

@@ -15,6 +15,7 @@ from efface import config as cfg
 from efface.errors import EffaceError
 from efface.cli.common import _add_model_options
 from efface.cli.evaluate import cmd_attack, cmd_bench, cmd_demo, cmd_eval
+from efface.cli.score import cmd_score
 from efface.cli.models import cmd_erase, cmd_generate, cmd_list, cmd_toy_train
 
 log = logging.getLogger("efface")
@@ -141,10 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="denoising steps of every image (default: 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack; prompt i's image uses seed + i (default: 0)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="the judge's threshold where it has one (nudity: NudeNet score, default 0.6 as RECE; "
+                        "UnlearnDiffAtk's table: 0.45); the toy judge has none")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_model_options(p)
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("score", help="judge a folder of images: per image its scores and the decision",
+                       description="Score every image of --images with a judge (toy classifier, NudeNet): per "
+                                   "file its score(s) and whether the concept is judged present, with the judge's "
+                                   "name, threshold and weights hash. For images generated anywhere.")
+    p.add_argument("--judge", required=True, help="toy or nudity")
+    p.add_argument("--images", required=True, help="a directory of images (.png, .jpg, .jpeg, .webp)")
+    p.add_argument("--concept", required=True, help="the concept to look for (toy: a shape, colour or style)")
+    p.add_argument("--threshold", type=float, default=None, help="the judge's threshold (nudity: default 0.6)")
+    p.add_argument("--nudenet-model", default=None, help="nudity: a local NudeNet ONNX file")
+    p.add_argument("--out", required=True, help="output JSON file (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("list", help="list registered methods, attacks and metrics")
     p.add_argument("kind", nargs="?", choices=["methods", "attacks", "metrics"], help="only this kind")

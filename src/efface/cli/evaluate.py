@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from efface import config as cfg
@@ -98,7 +97,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     import efface.attacks  # noqa: F401  (registers the attacks)
     from efface.registry import ATTACKS
-    from efface.robustness import attack_success, judge_for, toy_prompts
+    from efface.judges import judge_for
+    from efface.robustness import attack_success, toy_prompts
     from efface.sampling import GenerationConfig
     from efface.toy.presets import attack_setup, toy_model
 
@@ -110,42 +110,36 @@ def cmd_attack(args: argparse.Namespace) -> int:
     _refuse_existing(args)
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
-    judge = judge_for(pipe, args.concept)
+    judge = judge_for(pipe, args.concept, threshold=args.threshold)
     prompts = args.prompt or (toy_prompts(args.concept, args.n, args.seed) if toy_model(args.model) else None)
     if not prompts:
         raise InputError("give the prompts to attack with --prompt (repeat for several)")
     original = None
     erased_pipe = pipe
     if args.erased:
-        import copy
-
         from efface.artifacts import ErasedModel
 
         erased = ErasedModel.load(args.erased)
         erased.check_base(pipe)
-        original, erased_pipe = pipe, copy.deepcopy(pipe)
-        erased.apply(erased_pipe)
+        original, erased_pipe = pipe, erased.applied_copy(pipe)  # shares the weights the erasure leaves
     features = None
-    if "image_features" in attack.needs:
+    if attack.uses_features():
         from efface.toy import is_toy
         from efface.robustness import toy_features
 
         if not is_toy(pipe):
+            hint = " or --set selection=judge" if args.attack.startswith("p4d") else ""
             raise InputError(f"{args.attack} needs an image feature extractor; on a real model call "
-                             "efface.robustness.attack_success(..., features=your_function) from Python")
+                             f"efface.robustness.attack_success(..., features=your_function) from Python{hint}")
         features = toy_features()
     measures, result = attack_success(attack, erased_pipe, args.concept, prompts, judge=judge, original=original,
                                       seed=args.seed, generation=gen, progress=not args.quiet, features=features)
     measures["erased"] = args.erased
     measures["model"] = args.model
-    if result is None:
-        from efface.io import atomic_dir
-
-        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-            (tmp / "attack.json").write_text(json.dumps(measures, indent=2))
-    else:
-        result.save(args.out, overwrite=args.overwrite, measures=measures)
-    print(f"{args.attack} on {args.concept}: pre-ASR {measures['pre_asr']:.3f}, ASR {measures['asr']:.3f} "
+    result.save(args.out, overwrite=args.overwrite, measures=measures)
+    rate = measures["asr"] if measures["asr"] is not None else measures[f"asr_{attack.variant}"]
+    name = "ASR" if measures["asr"] is not None else f"ASR ({attack.variant} replay)"
+    print(f"{measures['attack']} on {args.concept}: pre-ASR {measures['pre_asr']:.3f}, {name} {rate:.3f} "
           f"({measures['n']} prompts)")
     print(Path(args.out) / "attack.json")
     return 0

@@ -41,6 +41,11 @@ Differences from the official code, and why:
   code cycles through its CSV, unseeded); every random draw is seeded;
 * an anchor other than "" replaces the empty prompt of e_0 (as ESD here); ``templates`` can put the
   concept into prompt contexts (official: the bare concept; the toy preset uses toy-sd's captions);
+* each attack step feeds Adam that step's gradient (``attack_grad="fresh"``, efface's reading of the
+  paper's lower level); the official ``soft_prompt_attack`` (``train-scripts/utils/attack_util.py``)
+  never zeroes the embedding's gradient, so Adam runs on the running sum of the 30 steps' gradients,
+  and ``fast_at``'s in-place ``sign_()`` of that sum keeps the first step's sign wherever no later
+  gradient exceeds 1 in magnitude (in effect frozen after step 1): ``attack_grad="accumulate"``;
 * the official iterative retain variant (``retain_train='iter'``), the ``replace_k`` / ``add`` /
   ``suffix_k`` insertions, the ``condition_embd`` attack and the per-layer text-encoder subsets
   are not implemented;
@@ -117,6 +122,10 @@ class AdvUnlearnConfig(TrainingConfig):
     attack_init: str = field(default="random", metadata={
         "help": "random (embeddings of k random tokens) or latest (the previous attack's result)"})
     adv_prompt_update_step: int = field(default=1, metadata={"help": "iterations between attacks (and concept draws)"})
+    attack_grad: str = field(default="fresh", metadata={
+        "help": "what each attack step feeds Adam: 'fresh', that step's gradient (efface's reading of the paper), "
+                "or 'accumulate', the running sum of the attack's gradients, as the official code, which never "
+                "clears them (fast_at: the sign of the previous sign plus the new gradient)"})
     retain_loss_w: float = field(default=0.3, metadata={"help": "gamma, weight of the utility-retaining loss"})
     retain_batch: int = field(default=5, metadata={"help": "retain prompts per iteration"})
     retain_templates: tuple[str, ...] = field(default=("a photo of {}",), metadata={
@@ -129,7 +138,7 @@ class AdvUnlearnConfig(TrainingConfig):
                                         "adv_prompt_update_step", "retain_batch"),
                           non_negative=("warmup_iter", "retain_loss_w"), positive=("lr", "attack_lr"))
         self.check_choices(train_method=tuple(TRAIN_METHODS), attack_method=("pgd", "fast_at"),
-                           attack_init=("random", "latest"))
+                           attack_init=("random", "latest"), attack_grad=("fresh", "accumulate"))
         self.check_templates("templates", "retain_templates")
 
 
@@ -187,22 +196,31 @@ def adversarial_condition(pipe, text: str, adv: Sequence[torch.Tensor]) -> Condi
 
 def prefix_attack(pipe, text: str, adv: Sequence[torch.Tensor],
                   draw: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int, lr: float,
-                  signed: bool = False) -> tuple[list[torch.Tensor], list[float]]:
+                  signed: bool = False, accumulate: bool = False) -> tuple[list[torch.Tensor], list[float]]:
     """AdvUnlearn's lower level: ``steps`` Adam steps (lr ``lr``; on the gradient's sign if
     ``signed``: fast AT) on the prepended embeddings ``adv`` (one tensor per text encoder, optimised
     together) minimising ``|| model(x_t, t, tau([adv; prompt])) - e_p ||^2``, with
     ``(x_t, t, e_p) = draw()`` fresh each step and ``text`` from :func:`prefixed_prompt`. Model
-    parameters get no gradient. Returns the embeddings and the loss before each step."""
+    parameters get no gradient. Returns the embeddings and the loss before each step.
+
+    ``accumulate``: Adam reads the official ``soft_prompt_attack``'s gradient, which is never cleared
+    between steps: ``G_i = G_{i-1} + g_i`` (``G_0 = 0``), and with ``signed`` its in-place sign,
+    ``G_i = sign(G_{i-1} + g_i)``, which keeps ``sign(g_1)`` wherever no later gradient exceeds 1."""
     adv = [a.detach().to(dtype=master_dtype(a.dtype), copy=True).requires_grad_(True) for a in adv]
     optimizer = torch.optim.Adam(adv, lr=lr)
     losses = []
+    running: list[torch.Tensor | None] = [None] * len(adv)  # accumulate: the official uncleared .grad
     for _ in range(steps):
         x_t, t, e_p = draw()
         cond = adversarial_condition(pipe, text, adv)
         loss = F.mse_loss(predict(pipe, x_t, t, cond).float(), e_p.float())
         grads = torch.autograd.grad(loss, adv)
-        for a, grad in zip(adv, grads):
+        for j, (a, grad) in enumerate(zip(adv, grads)):
+            if accumulate:
+                grad = grad if running[j] is None else running[j] + grad
             a.grad = grad.sign() if signed else grad
+            if accumulate:
+                running[j] = a.grad
         optimizer.step()
         losses.append(float(loss.detach()))
     return [a.detach() for a in adv], losses
@@ -287,7 +305,8 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
                     token_ids = random_index(vocab, generator, k)
                     start = [t[token_ids].detach() for t in tables]
                 state["adv"], _ = prefix_attack(pipe, prefixed[state["row"]], start, attack_draw, cfg.attack_step,
-                                                cfg.attack_lr, cfg.attack_method == "fast_at")
+                                                cfg.attack_lr, cfg.attack_method == "fast_at",
+                                                accumulate=cfg.attack_grad == "accumulate")
             row = state["row"]
             c, a = concepts[row : row + 1], anchors[row : row + 1]
             x_t, t, step = draw_x_t(c, n)

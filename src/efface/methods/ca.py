@@ -42,6 +42,13 @@ Differences from the official code, and why:
 * anchor prompts are fixed templates (``templates``) instead of captions written by ChatGPT / Llama
   or retrieved from LAION: no language model in the loop, and the run is deterministic; the toy
   preset uses the toy world's training contexts ("a red {}", ...), its stand-in for captions;
+* the start token: both official versions stop the gradient through the cross-attention keys and
+  values of the first text token (its embedding is the same for every prompt and draws most of the
+  attention), so only the prompt's own tokens are moved; efface does the same
+  (``detach_start_token``, default on) on UNet cross-attention. On SD3 / Flux it has no effect: the
+  text tokens' keys come from the joint attention's own projections (in Flux's single blocks, one
+  projection over text and image tokens together), and Flux's sequence is T5's, which has no start
+  token;
 * anchor latents are kept as sampled: the official code decodes them to JPEG files and re-encodes
   them with the VAE, with random crops, rescaling ("a far away", "zoomed in") and flips. That
   augmentation, and its loss mask, are left out.
@@ -68,6 +75,8 @@ says the denoiser predicts):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -84,8 +93,8 @@ from efface.models.text import encode, token_count
 log = logging.getLogger(__name__)
 
 OBJECT_TEMPLATES = ("{}", "a {}", "a picture of a {}", "an image of a {}")
-# the official style phrasings ("{caption}, in the style of {target}", "in {target}'s style, {caption}"...)
-STYLE_TEMPLATES = ("{p}, in the style of {c}", "in {c}'s style, {p}", "{p}, {c} style")
+# the official style phrasings of a caption {p} and the target {c}
+STYLE_TEMPLATES = ("{p}, in the style of {c}", "{c} inspired painting, {p}", "in {c}'s style, {p}")
 ANCHOR_BATCH = 16  # anchor images sampled per UNet call
 
 
@@ -100,6 +109,9 @@ class CAConfig(TrainingConfig):
     anchor_steps: int = field(default=200, metadata={"help": "DDIM steps to sample an anchor image"})
     anchor_guidance: float = field(default=6.0, metadata={"help": "guidance scale of anchor sampling"})
     anchor_eta: float = field(default=1.0, metadata={"help": "DDIM eta of anchor sampling"})
+    anchor_sampler: str = field(default="default", metadata={
+        "help": "'default': the family's sampler (UNets: DDIM with anchor_eta, the CompVis code; flow: Euler); "
+                "'dpm++': DPM-Solver++, deterministic (the diffusers script; UNets)"})
     concept_type: str = field(default="object", metadata={"help": "'object' (template with the concept "
                                                                    "instead of the anchor) or 'style'"})
     regularization_weight: float = field(default=0.0, metadata={"help": "weight of the anchor-prompt "
@@ -110,10 +122,13 @@ class CAConfig(TrainingConfig):
                                                                                "the concept or anchor"})
     target_model: str = field(default="frozen", metadata={"help": "model-based target from the 'frozen' "
                                                                    "original or the 'current' model"})
+    detach_start_token: bool = field(default=True, metadata={
+        "help": "no gradient through the cross-attention keys / values of the start token (official)"})
 
     def __post_init__(self) -> None:
         self.check_choices(variant=("model", "noise"), concept_type=("object", "style"),
-                           parameters=("xattn_kv", "all"), target_model=("frozen", "current"))
+                           parameters=("xattn_kv", "all"), target_model=("frozen", "current"),
+                           anchor_sampler=("default", "dpm++"))
         self.check_templates("templates")
         self.check_bounds(at_least_one=("iterations", "batch_size", "num_anchor_images", "anchor_steps"),
                           non_negative=("weight_decay", "regularization_weight"), positive=("lr",))
@@ -171,7 +186,7 @@ class ConceptAblation(ErasureMethod[CAConfig]):
         for start in range(0, len(prompts), ANCHOR_BATCH):
             emb = encode(pipe, prompts[start : start + ANCHOR_BATCH]).to(den.device, den.dtype)
             out.append(sample_to(pipe, emb, empty, cfg.anchor_steps, cfg.anchor_steps, cfg.anchor_guidance,
-                                 generator, eta=cfg.anchor_eta))
+                                 generator, eta=cfg.anchor_eta, solver=cfg.anchor_sampler))
         return torch.cat(out)
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
@@ -210,5 +225,25 @@ class ConceptAblation(ErasureMethod[CAConfig]):
                 value = value + cfg.regularization_weight * F.mse_loss(prior.float(), noise_target.float())
             return value
 
-        train_steps(loss, list(params.values()), cfg.iterations, lr=cfg.lr, name=self.name, progress=progress,
-                    optimizer="adamw", weight_decay=cfg.weight_decay)
+        with start_token_detached(pipe) if cfg.detach_start_token else nullcontext():
+            train_steps(loss, list(params.values()), cfg.iterations, lr=cfg.lr, name=self.name, progress=progress,
+                        optimizer="adamw", weight_decay=cfg.weight_decay)
+
+
+@contextmanager
+def start_token_detached(pipe) -> Iterator[None]:
+    """Within the block, the keys and values every cross-attention module computes for the first
+    text position (the start token) carry no gradient: forward hooks on its ``to_k`` / ``to_v``
+    (UNet cross-attention, ``is_cross_attention``), removed on exit. Values are unchanged. Joint
+    attention (SD3, Flux) is left as it is: see the module docstring."""
+    def hook(module, args, output):
+        return torch.cat([output[:, :1].detach(), output[:, 1:]], 1)
+
+    handles = [getattr(m, name).register_forward_hook(hook)
+               for m in family_of(pipe).cross_attention(pipe).values() if getattr(m, "is_cross_attention", False)
+               for name in ("to_k", "to_v")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

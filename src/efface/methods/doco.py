@@ -32,11 +32,14 @@ is ``full-weight``); 2000 iterations of batch 8 (``max_train_steps``, ``train_ba
 which the first 1000 train only the discriminator (``warm_up``); AdamW (weight decay 0.01) at
 6e-6 x 8 = 4.8e-5 (``--scale_lr``), constant; discriminator lr 1e-4 (objects; 5e-4 for styles);
 gradient surgery on with lambda 1 (``--gradient_clip --lambda_ 1``); gradient-norm clip 1.0;
-prior preservation on (``--with_prior_preservation``); 1000 anchor images sampled with guidance 6
-and eta 1 (``num_class_images``). The discriminator is PatchGAN on the 4-channel latents: 4x4
-stride-2 convolutions of 64, 128, 256, 512 channels (BatchNorm after all but the first,
-LeakyReLU 0.2), then a 4x4 convolution to one logit per patch. It is a training-time module only:
-it is not part of the erased model.
+prior preservation on (``--with_prior_preservation``); 1000 anchor images (``num_class_images``)
+sampled with DPM-Solver++ (``DPMSolverMultistepScheduler``'s defaults: second order, deterministic)
+in 25 steps at guidance 6. The official call passes ``eta=1.0``, which that scheduler's ``step``
+does not take and the pipeline drops, so the official anchors are deterministic too
+(``anchor_sampler="default"`` with ``anchor_eta`` samples stochastic DDIM instead). The
+discriminator is PatchGAN on the 4-channel latents: 4x4 stride-2 convolutions of 64, 128, 256, 512
+channels (BatchNorm after all but the first, LeakyReLU 0.2), then a 4x4 convolution to one logit per
+patch. It is a training-time module only: it is not part of the erased model.
 
 Differences from the official code, and why:
 
@@ -48,8 +51,7 @@ Differences from the official code, and why:
   preserves only the anchor concept. Without ``preserve`` it is the official loss;
 * the discriminator has as many stride-2 blocks as the latent size allows (at most the official 4:
   toy-sd's 8x8 latents take 2, SD's 64x64 take 4), since four blocks cannot read an 8x8 latent;
-* anchor images are sampled with ``anchor_steps`` DDIM steps (default 25, the official count with
-  DPM-Solver) and kept as latents: no JPEG round trip, crops, flips or loss mask (as our CA);
+* anchor images are kept as latents: no JPEG round trip, crops, flips or loss mask (as our CA);
 * prompts come from templates, as in our CA (no ChatGPT / LAION captions);
 * x0 is computed from the noise schedule directly (the family seam's ``predicted_x0``; the
   official code patches diffusers' DDPM scheduler for a batched ``step``, whose
@@ -107,9 +109,11 @@ class DoCoConfig(TrainingConfig):
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip of each gradient's norm (0: off)"})
     num_anchor_images: int = field(default=1000, metadata={"help": "anchor images (and images per preserved "
                                                                     "set) sampled before training"})
-    anchor_steps: int = field(default=25, metadata={"help": "DDIM steps to sample an anchor image"})
+    anchor_steps: int = field(default=25, metadata={"help": "sampling steps of an anchor image"})
     anchor_guidance: float = field(default=6.0, metadata={"help": "guidance scale of anchor sampling"})
-    anchor_eta: float = field(default=1.0, metadata={"help": "DDIM eta of anchor sampling"})
+    anchor_eta: float = field(default=1.0, metadata={"help": "DDIM eta of anchor sampling ('ddim' only)"})
+    anchor_sampler: str = field(default="dpm++", metadata={"help": "'dpm++' (DPM-Solver++, deterministic: "
+                                                                    "official) or 'default' (DDIM with anchor_eta)"})
     concept_type: str = field(default="object", metadata={"help": "'object' or 'style' prompts (as CA)"})
     parameters: str = field(default="xattn_kv", metadata={"help": "'xattn_kv' (official cross-attn) or "
                                                                    "'all' (official full-weight)"})
@@ -117,7 +121,8 @@ class DoCoConfig(TrainingConfig):
                                                                                "the concept or anchor"})
 
     def __post_init__(self) -> None:
-        self.check_choices(concept_type=("object", "style"), parameters=("xattn_kv", "all"))
+        self.check_choices(concept_type=("object", "style"), parameters=("xattn_kv", "all"),
+                           anchor_sampler=("dpm++", "default"))
         self.check_templates("templates")
         self.check_bounds(at_least_one=("iterations", "batch_size", "num_anchor_images", "anchor_steps"),
                           non_negative=("weight_decay", "surgery_scale", "preserve_weight", "max_grad_norm"),

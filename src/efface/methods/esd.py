@@ -29,9 +29,16 @@ layers out (and its ``esd-u`` trains the time embedding and input / output convo
 Defaults are the paper's, as in its CompVis code (``train-scripts/train-esd.py`` in
 github.com/rohitgandikota/erasing before the diffusers rewrite): 1000 iterations, batch 1, Adam at
 lr 1e-5, ``negative_guidance`` 1.0, ``start_guidance`` 3.0, 50 DDIM steps (eta 0), x_t sampled
-from the model being trained. The newer diffusers script (``esd_sd.py``) uses 200 iterations,
-lr 5e-5, ``negative_guidance`` 2.0 and samples x_t with the frozen model: ``sample_with="frozen"``
-and the options reproduce it.
+from the model being trained. The newer diffusers scripts of the same repository (``esd_sd.py``,
+``esd_sdxl.py``) and the community forks built on them write the target anchored on the
+*concept's* prediction, ``e_p - eta' (e_p - e_0)`` (``e_from`` = ``e_p`` unless ``--erase_from``
+is given), which is ``e_0 - (eta' - 1)(e_p - e_0)``: their ``eta'`` is efface's
+``negative_guidance + 1``. ``esd_sd.py`` (SD 1.4) uses 200 iterations, lr 5e-5, its
+``negative_guidance`` 2 (efface's 1, the paper's), guidance 3 with 50 steps, batch 1 and samples
+x_t with the frozen model: ``iterations=200, lr=5e-5, sample_with="frozen"`` reproduce it.
+``esd-x-strict`` exists only in those scripts (the CompVis code has no key / value-only set), so its
+defaults are ``esd_sd.py``'s (:class:`ESDxStrictConfig`: 200 iterations, lr 5e-5, frozen sampler);
+the other variants keep the paper's.
 
 **SDXL**: the UNet as on SD, its cross-attention reading both CLIP encoders' states; ``noxattn``
 also leaves ``add_embedding`` (the pooled-text and time-id path) out with the time embedding, and
@@ -41,8 +48,9 @@ also leaves ``add_embedding`` (the pooled-text and time-id path) out with the ti
 blocks, without any ``emb`` layer (resnets' ``time_emb_proj``, ``conv_in`` / ``conv_out`` and the
 norms stay), where efface trains the ``noxattn`` / ``all`` sets above. Its settings: 200 iterations,
 lr 2e-4 (1e-5 for esd-u / esd-all), x_t at guidance 2 with 50 steps, sampled by the frozen model,
-eta 1, batch 1, 1024 px, bf16: ``iterations=200, lr=2e-4, start_guidance=2, sample_with="frozen"``
-reproduce them (``ddim_steps`` 50 and ``negative_guidance`` 1 are the defaults). Differences: x_t is
+its eta 1 (efface's ``negative_guidance=0``: the target is the empty prompt's prediction ``e_0``),
+batch 1, 1024 px, bf16: ``iterations=200, lr=2e-4, start_guidance=2, sample_with="frozen",
+negative_guidance=0`` reproduce them (``ddim_steps`` 50 is the default). Differences: x_t is
 sampled with DDIM (eta 0) on the pipeline's noise schedule, not with the pipeline's Euler
 scheduler; the time ids are the native size (the UNet's latent size times the VAE factor: 1024 on
 SDXL base), as the script's.
@@ -55,7 +63,8 @@ SD3.5's image-only ``attn2``), ``esd-x-strict`` the text stream's ``add_k_proj``
 github.com/CookedMorsel/erasing) takes every ``Linear`` under ``.attn.`` for esd-x (the same
 projections) and every ``Linear`` / ``Conv2d`` outside it for esd-u (the embedders and output
 layer included); it samples x_t with the frozen model at guidance 7.5 and 28 steps, 200 iterations,
-lr 3e-5, eta 2, and queries e_0 with the *concept's* pooled embedding, where efface's e_0 is the
+lr 3e-5, its eta 2 (the target form of ``esd_sd.py``: efface's ``negative_guidance`` 1), and queries
+e_0 with the *concept's* pooled embedding, where efface's e_0 is the
 empty prompt's, pooled part included. x_t here: flow-matching Euler with the pipeline's shift,
 classifier-free guidance against the empty prompt.
 
@@ -66,12 +75,13 @@ trains their q / k RMSNorm weights); ``esd-x-strict`` what the text is projected
 ``add_k_proj`` / ``add_v_proj``; single blocks: the shared ``to_k`` / ``to_v``), where ESD-Flux's
 takes ``attn.to_k`` / ``to_v`` everywhere, the image stream's in double blocks; ``esd-u`` /
 ``esd-all`` are efface's sets (ESD-Flux has only esd-x and esd-x-strict). ESD-Flux's settings:
-FLUX.1-dev, 28 steps, 1400 iterations, lr 1e-4, eta 1, 512 px, x_t sampled by the model being
+FLUX.1-dev, 28 steps, 1400 iterations, lr 1e-4, its eta 1 (written in ``esd_sd.py``'s target form:
+efface's ``negative_guidance`` 0), 512 px, x_t sampled by the model being
 trained at *distilled* guidance 3.5 without classifier-free guidance, the predictions at guidance
 embedding 1. efface on Flux samples x_t with *real* classifier-free guidance ``start_guidance``
 against the empty prompt (two transformer calls per step), and on checkpoints with a guidance
 embedding (FLUX.1-dev) every call (sampling, frozen and trained predictions) also gets the
-family's distilled guidance 3.5. ``iterations=1400, lr=1e-4, ddim_steps=28, start_guidance=1``
+family's distilled guidance 3.5. ``iterations=1400, lr=1e-4, ddim_steps=28, start_guidance=1, negative_guidance=0``
 is the nearest: x_t as ESD-Flux's (distilled guidance only); its predictions at guidance 1 and its
 512 px are not reproduced (x_t is at the VAE's native size, 1024 px on FLUX.1).
 
@@ -157,6 +167,17 @@ class ESDConfig(TrainingConfig):
             raise InputError(f"reuse_trajectories draws batch_size ({self.batch_size}) distinct x_t from "
                              f"trajectory_pool x ddim_steps = {self.trajectory_pool * self.ddim_steps}: "
                              "sample more trajectories (trajectory_pool) or take a smaller batch")
+
+
+@dataclass
+class ESDxStrictConfig(ESDConfig):
+    """``esd-x-strict``'s defaults: the only official script with that parameter set is ``esd_sd.py``
+    (200 iterations, lr 5e-5, x_t sampled by the frozen model; its eta 2 is ``negative_guidance`` 1)."""
+
+    iterations: int = field(default=200, metadata={"help": "optimisation steps, one concept each (esd_sd.py: 200)"})
+    lr: float = field(default=5e-5, metadata={"help": "Adam learning rate (esd_sd.py: 5e-5)"})
+    sample_with: str = field(default="frozen", metadata={"help": "model that samples x_t: 'frozen' (esd_sd.py, the "
+                                                                  "only official esd-x-strict) or 'trained'"})
 
 
 def esd_target(e_0: torch.Tensor, e_p: torch.Tensor, negative_guidance: float) -> torch.Tensor:
@@ -250,8 +271,11 @@ class ESDx(ESD):
 
 @register_method("esd-x-strict")
 class ESDxStrict(ESD):
-    """ESD on the keys / values the text is projected to only (official ``'esd-x-strict'``)."""
+    """ESD on the text's keys / values only (official ``'esd-x-strict'``), with ``esd_sd.py``'s defaults.
 
+    :class:`ESDxStrictConfig`: 200 iterations, lr 5e-5, x_t sampled by the frozen model."""
+
+    Config = ESDxStrictConfig
     parameter_set = "xattn_kv"
 
 

@@ -62,11 +62,26 @@ steps of batch 1, importance sampling on, ``use_pooler`` on, all 30 object promp
 (``aug_length = prompt_len = 30``; ``src/cfr_utils.py``), 8 images per concept (README,
 ``inference.py``: 30 DPM-Solver steps, guidance 7.5, "a photo of the {concept}").
 
+Preservation, against the official code (``src/cfr_lora_training.py``, ``src/fuse_lora_close_form.py``):
+the official closed forms read two caches of ``(sum W e e^T, sum e e^T)`` over every token of
+their prompts, a *prior* one (``cache_coco.pt``: every MS-COCO caption) and a *domain* one (other
+celebrities / artists, ``preserve_weight`` 8e3 to 2e5; objects and nudity use none), neither
+shipped. Here the preserved prompts ``e^p`` are the request's preserved concepts in the templates:
+the domain term, weighted ``domain_weight`` (default 1); the prior term has no counterpart (absent).
+With at most ``max_memory`` (1000, every config) concepts the official CFR builds its cache as
+``s_p (prior + w domain)`` and then solves with ``preserve_scale = s_p``, so the preserved prompts
+enter with ``s_p^2`` (with more concepts, once); the fusion applies ``s_f`` once.
+``cfr_recipe="official"`` reproduces that (CFR weight ``s_p^2 w``), the default ``"paper"`` the
+single ``s_p w`` of the formula above; both fuse with ``s_f w``
+(:meth:`MACEConfig.cfr_preserve_weight`, :meth:`MACEConfig.fuse_preserve_weight`).
+The two recipes differ only where ``train_preserve_scale`` is neither 0 nor 1 (the official
+celebrity / art / nudity configs: 1e-4, 7e-7).
+
 Differences from the official code, and why:
 
 * preservation uses the request's preserved concepts in the templates (every token, like the
-  official COCO / domain caches, which are not shipped); the official code's anchor ("ground",
-  "sky", "a person") is the request's anchor, default "" (name one for real models);
+  official COCO / domain caches, which are not shipped; above); the official code's anchor
+  ("ground", "sky", "a person") is the request's anchor, default "" (name one for real models);
 * images are sampled with DDIM (``image_steps``) and kept as latents; the official code decodes
   them to JPEG, re-encodes them with ImageNet normalisation (not the VAE's [-1, 1]) and random
   crops; masks from attention maps replace Grounded-SAM unless a ``segmenter`` is given;
@@ -91,7 +106,8 @@ from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, r
 from efface.methods.mace_attention import (AttentionLoss, MapRecorder, attention_processors, importance_weights,
                                            make_loras)
 from efface.methods.prompts import fill, word_end
-from efface.methods.uce import ENCODE_BATCH, Encodings, encode_each, uce_solve
+from efface.methods.uce import uce_solve
+from efface.methods.uce_keys import ENCODE_BATCH, Encodings, encode_each
 from efface.models.diffusion import add_noise, num_train_timesteps, predict, random_index, sample_to, train_steps
 from efface.models.families import family_of
 from efface.models.params import named_parameters, select
@@ -121,6 +137,14 @@ class MACEConfig(TrainingConfig):
     lamb: float = field(default=1e3, metadata={"help": "weight of the stay-close term of both closed forms (lambda)"})
     train_preserve_scale: float = field(default=0.0, metadata={"help": "weight of preserved prompts in the CFR"})
     fuse_preserve_scale: float = field(default=0.0, metadata={"help": "weight of preserved prompts in the fusion"})
+    cfr_recipe: str = field(default="paper", metadata={
+        "help": "'paper': the CFR weighs preserved prompts train_preserve_scale x domain_weight; 'official': "
+                "train_preserve_scale^2 x domain_weight, as cfr_lora_training.py (the scale in its cache, then "
+                "again in the solve)"})
+    domain_weight: float = field(default=1.0, metadata={
+        "help": "weight of the preserved concepts in the templates (the official domain cache, preserve_weight: "
+                "celebrities 8e3 to 2e5, art 8e4) in both closed forms; the official prior cache (MS-COCO "
+                "captions, weight 1) is not shipped and has no counterpart"})
     templates: tuple[str, ...] = field(default=OBJECT_TEMPLATES, metadata={"help": "prompt augmentations, '{}' is "
                                                                               "the concept (or anchor)"})
     rank: int = field(default=1, metadata={"help": "rank of each concept's LoRA"})
@@ -145,15 +169,27 @@ class MACEConfig(TrainingConfig):
     solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for the closed forms"})
 
     def __post_init__(self) -> None:
-        self.check_choices(data=("generate", "source"), solve_dtype=("float32", "float64"))
+        self.check_choices(data=("generate", "source"), solve_dtype=("float32", "float64"),
+                           cfr_recipe=("paper", "official"))
         self.check_templates("templates")
         if self.image_prompt.count("{}") != 1:
             raise InputError("image_prompt needs exactly one '{}' for the concept")
         self.check_bounds(at_least_one=("rank", "iterations", "batch_size", "num_images", "image_steps"),
-                          non_negative=("lamb", "train_preserve_scale", "fuse_preserve_scale", "weight_decay",
-                                        "max_grad_norm"), positive=("lr",))
+                          non_negative=("lamb", "train_preserve_scale", "fuse_preserve_scale", "domain_weight",
+                                        "weight_decay", "max_grad_norm"), positive=("lr",))
         if not 0 < self.mask_threshold <= 1:
             raise InputError(f"mask_threshold must be in (0, 1], not {self.mask_threshold}")
+
+    def cfr_preserve_weight(self) -> float:
+        """The weight of ``P^T P`` (preserved prompts, every token) in the CFR: ``s_p w`` (``"paper"``)
+        or ``s_p^2 w`` (``"official"``), ``s_p`` = ``train_preserve_scale``, ``w`` = ``domain_weight``."""
+        s = self.train_preserve_scale
+        return (s * s if self.cfr_recipe == "official" else s) * self.domain_weight
+
+    def fuse_preserve_weight(self) -> float:
+        """The weight of ``P^T P`` in the fusion: ``fuse_preserve_scale x domain_weight`` (the official
+        fusion applies its scale once, with either recipe)."""
+        return self.fuse_preserve_scale * self.domain_weight
 
 
 def cooccurring_indices(tokenizer, old: str, new: str) -> tuple[list[int], list[int]]:
@@ -363,7 +399,7 @@ class MACE(ErasureMethod[MACEConfig]):
         """Stage 1, CFR: the co-occurring words' keys onto the anchor prompts' values, in place (one
         d x d map for every layer, :func:`cfr_map`)."""
         cfg = self.config
-        m = cfr_map(stats, lamb=cfg.lamb, preserve_scale=cfg.train_preserve_scale)
+        m = cfr_map(stats, lamb=cfg.lamb, preserve_scale=cfg.cfr_preserve_weight())
         for param in select(pipe, self.parameter_set).values():
             param.data.copy_((param.detach().to(m.dtype) @ m.to(param.device)).to(param.dtype))  # W' = W M
 
@@ -376,7 +412,7 @@ class MACE(ErasureMethod[MACEConfig]):
         cfg = self.config
         weights = select(pipe, self.parameter_set)
         device = next(iter(weights.values())).device
-        maps = fusion_maps(stats.to(device), lamb=cfg.lamb, preserve_scale=cfg.fuse_preserve_scale)
+        maps = fusion_maps(stats.to(device), lamb=cfg.lamb, preserve_scale=cfg.fuse_preserve_weight())
         dtype = maps[0].dtype
         ranks = [factors[0][k][1].shape[0] for k in weights]
         downs = torch.stack([torch.cat([f[k][1] for k in weights]) for f in factors]).to(device, dtype)

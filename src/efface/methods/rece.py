@@ -38,16 +38,21 @@ defaults; ``scripts/art.sh`` guides artists to "art"); objects easy for UCE 1 ep
 ``regular_scale=0.1``; none where UCE alone already erases (``epochs=0``). The starting UCE
 checkpoints (``--target_ckpt``) come from the first UCE code release (copied as
 ``erase_methods/train_uce.py``): erase and preserve scale 1 (as their names say), lamb 0.5, keys
-from the concept's last word to the end of the sequence (efface ``uce`` with ``tokens="all"``):
+from the concept's last word to the end of the sequence (efface ``uce`` with ``tokens="all"``), and
+"" kept over all 77 tokens with the same preserve scale (efface ``uce``'s ``preserve_empty``,
+``uce_preserve_empty``, default on; that code's default scale ``max(0.1, 1 / (1 + preserved
+concepts))`` is 1 with nothing else preserved, as for nudity; the official artist checkpoint was
+made with ``uce_preserve_scale`` 0.1):
 the ``uce_*`` options (``uce_expand_prompts``, ``uce_templates`` and ``uce_guide_context`` as
 efface ``uce``'s ``expand_prompts``, ``templates`` and ``guide_context``). The derivation is ``utils/embedding_calculation/close_form_emb.py``
 (``close_form_emb_regzero``), the edit ``erase_methods/uce.py`` (``edit_model_adversarial``).
 
 Differences from the official code, and why:
 
-* the UCE stage runs here (efface ``uce``, ``tokens="all"``) instead of loading a checkpoint; that
-  first UCE release also preserved "" (all tokens) and sliced nothing of preserved prompts, efface's
-  ``uce`` preserves only the request's concepts, from their last word on;
+* the UCE stage runs here (efface ``uce``, ``tokens="all"``, ``preserve_empty`` at
+  ``uce_preserve_scale``) instead of loading a checkpoint; that first UCE release sliced nothing of
+  preserved prompts, efface's ``uce`` keys the request's preserved concepts from their last word
+  on; ``uce_preserve_empty=False`` leaves "" out of the UCE stage (efface's RECE before 2026-12);
 * the official scripts evaluate every epoch (nudity detector, Q16, classifier) and keep the best
   one; a method here never runs a metric (layering), so the last epoch is returned;
 * "" is preserved once per edit (``train.py`` adds it once per erased concept, the artist and
@@ -84,7 +89,8 @@ import torch
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.methods.uce import OBJECT_TEMPLATES, UCE, Encodings, Grams, encode_each
+from efface.methods.uce import OBJECT_TEMPLATES, UCE, Grams
+from efface.methods.uce_keys import Encodings, encode_each
 from efface.models.families import family_of
 from efface.models.params import get_parameter
 
@@ -103,7 +109,10 @@ class RECEConfig(MethodConfig):
     guide_values: str = field(default="current", metadata={"help": "guide values v* from the 'current' weights "
                                                                     "(official) or the 'original' ones"})
     uce_erase_scale: float = field(default=1.0, metadata={"help": "erase_scale of the initial UCE edit"})
-    uce_preserve_scale: float = field(default=1.0, metadata={"help": "preserve_scale of the initial UCE edit"})
+    uce_preserve_scale: float = field(default=1.0, metadata={"help": "preserve_scale of the initial UCE edit, on the "
+                                                                      "preserved concepts and on \"\" "
+                                                                      "(uce_preserve_empty); official artist "
+                                                                      "checkpoint: 0.1"})
     uce_lamb: float = field(default=0.5, metadata={"help": "lamb of the initial UCE edit"})
     uce_tokens: str = field(default="all", metadata={"help": "tokens of the initial UCE edit: 'all' (the UCE "
                                                               "release RECE started from) or 'last'"})
@@ -113,6 +122,9 @@ class RECEConfig(MethodConfig):
                                                                                    "uce_expand_prompts"})
     uce_guide_context: str = field(default="bare", metadata={"help": "initial UCE edit: expanded prompts map to "
                                                                       "the 'bare' guide or the guide in 'template'"})
+    uce_preserve_empty: bool = field(default=True, metadata={
+        "help": "initial UCE edit: also keep \"\" over every token, weighted uce_preserve_scale (the first UCE "
+                "release the official checkpoints come from)"})
     solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for every solve"})
 
     def __post_init__(self) -> None:
@@ -172,7 +184,7 @@ def derivation_map(weights: Sequence[torch.Tensor], originals: Sequence[torch.Te
 @torch.no_grad()
 def prompt_embeddings(pipe, prompts: list[str], cache: Encodings | None = None) -> list[torch.Tensor]:
     """Per prompt, its (T x d) token sequence over the whole padded length, as RECE uses it (every
-    distinct prompt encoded once, in batches: :func:`~efface.methods.uce.encode_each`)."""
+    distinct prompt encoded once, in batches: :func:`~efface.methods.uce_keys.encode_each`)."""
     return [c.embeds[0] for c in encode_each(pipe, prompts, cache=cache)]
 
 
@@ -225,7 +237,8 @@ class RECE(ErasureMethod[RECEConfig]):
         originals = {k: get_parameter(pipe, k).detach().clone() for k in sequence_sites(pipe)}
         uce = self._editor(erase_scale=cfg.uce_erase_scale, preserve_scale=cfg.uce_preserve_scale, lamb=cfg.uce_lamb,
                            tokens=cfg.uce_tokens, expand_prompts=cfg.uce_expand_prompts,
-                           templates=cfg.uce_templates, guide_context=cfg.uce_guide_context)
+                           templates=cfg.uce_templates, guide_context=cfg.uce_guide_context,
+                           preserve_empty=cfg.uce_preserve_empty, empty_preserve_scale=cfg.uce_preserve_scale)
         cache: Encodings = {}  # the UCE stage's encodings, shared with the rounds
         uce.edit(pipe, uce.keys(pipe, request, cache))
         editor = self._editor(erase_scale=cfg.erase_scale, preserve_scale=cfg.preserve_scale, lamb=cfg.lamb)

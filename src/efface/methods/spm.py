@@ -26,17 +26,20 @@ then ``pipe.load_lora_weights(dir)``.
 Defaults are the official code's (github.com/Con6924/SPM: ``train_spm.py``, ``src/models/spm.py``,
 ``src/configs/{config,prompt}.py``, ``configs/*/config.yaml``, ``infer_spm.py``): rank 1, alpha 1,
 Kaiming-uniform ``D`` and zero ``U``; 3000 iterations of batch 1, AdamW (8-bit there; weight decay
-0.01, bitsandbytes' default) at lr 1e-4, 30 DDIM steps (``max_denoising_steps``), x_t sampled with
+0.01, bitsandbytes' default) at lr 1e-4 with the ``cosine_with_restarts`` schedule (500 linear
+warm-up steps, then 3 cosine cycles; ``get_scheduler_fix``), 30 DDIM steps (``max_denoising_steps``), x_t sampled with
 guidance 3 by the model being trained, ``guidance_scale`` (eta) 1, ``la_strength`` 1000,
 ``sampling_batch_size`` 4; inference metric ``clipcos_tokenuni``, composition by summing the
 transport-scaled weights of the SPMs.
 
 Differences from the official code, and why:
 
-* constant learning rate: the official ``cosine_with_restarts`` schedule (500 warm-up steps, 3
-  cycles) is not implemented; efface's training loop has none;
+* Adam in 32 bits by default: the official optimizer is bitsandbytes' 8-bit AdamW, which is
+  ``optimizer_8bit=True`` here (it needs that package);
 * the UNet is queried at x_t's own DDIM timestep, as in efface's ESD; the official code reads the
-  1000-step schedule at index ``1000 k / 30``, a noise level below the one its sampler stopped at;
+  1000-step schedule at index ``1000 k / 30``, 33-42 steps *above* the timestep its sampler stopped
+  at (k = 1: the latent is at 924, the query at 966), so it asks a slightly noisier question than
+  the latent;
 * the anchoring batch is what the official code effectively uses: it builds ``sampling_batch_size``
   (empty, anchor) pairs and its guidance helper keeps the second half of that batch, i.e. for 4:
   the empty prompt twice and two random anchors; here ``anchor_batch`` rows alternate "" and a
@@ -45,7 +48,8 @@ Differences from the official code, and why:
   (the empty-prompt rows of classifier-free guidance get their own, usually lower, rate); the
   official code computes one rate per prompt and applies it to both halves. Rates are clamped to
   [0, 1]. One membrane per concept (the official code trains one SPM per config file);
-* training resolution: the model's native latent size (official: 512 with random aspect buckets);
+* training resolution: the model's native latent size (official: dynamic resolution, sides drawn
+  from 256-448 px in aspect buckets, never 512);
   every random draw (step, x_T, anchors) comes from the seeded generator;
 * ``templates`` (default the bare concept, as the official ``use_template: false``) can put the
   concept into prompt contexts, one drawn per iteration; ``composition="sum"`` adds membranes'
@@ -69,6 +73,7 @@ from efface.methods.spm_membranes import COMPOSITIONS, SPMAdapter, membrane_laye
 from efface.models.diffusion import initial_latents, predict, random_index, sample_to, sampler, train_steps
 from efface.models.families import Conditioning, family_of
 from efface.models.params import named_parameters
+from efface.models.precision import cosine_with_restarts
 from efface.models.text import encode
 
 log = logging.getLogger(__name__)
@@ -77,7 +82,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class SPMConfig(TrainingConfig):
     iterations: int = field(default=3000, metadata={"help": "optimisation steps per concept"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW peak learning rate"})
+    lr_scheduler: str = field(default="cosine_with_restarts", metadata={
+        "help": "'cosine_with_restarts' (official: warm-up, then lr_cycles cosine decays) or 'constant'"})
+    lr_warmup_steps: int = field(default=500, metadata={"help": "linear warm-up steps of the schedule"})
+    lr_cycles: int = field(default=3, metadata={"help": "cosine cycles after the warm-up"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (official: bitsandbytes' default)"})
     rank: int = field(default=1, metadata={"help": "rank of each membrane (1: the paper's one-dimensional adapter)"})
     alpha: float = field(default=1.0, metadata={"help": "membrane scale numerator: output scaled by alpha / rank"})
@@ -103,7 +112,11 @@ class SPMConfig(TrainingConfig):
                              f"not {self.ddim_steps}")
         if self.anchor_batch % self.batch_size:
             raise InputError(f"anchor_batch ({self.anchor_batch}) must be a multiple of batch_size ({self.batch_size})")
-        self.check_choices(composition=COMPOSITIONS)
+        self.check_choices(composition=COMPOSITIONS, lr_scheduler=("cosine_with_restarts", "constant"))
+        self.check_bounds(at_least_one=("lr_cycles",), non_negative=("lr_warmup_steps",))
+        if self.lr_scheduler != "constant" and self.lr_warmup_steps >= self.iterations:
+            log.warning("spm: lr_warmup_steps (%d) >= iterations (%d): the learning rate never reaches lr",
+                        self.lr_warmup_steps, self.iterations)
         self.check_templates("templates")
 
 
@@ -200,5 +213,7 @@ class SPM(ErasureMethod[SPMConfig]):
             return erase + cfg.la_strength * anchor
 
         membrane = list(adapter.membranes[k].parameters())
+        schedule = (cosine_with_restarts(cfg.lr_warmup_steps, cfg.iterations, cfg.lr_cycles)
+                    if cfg.lr_scheduler == "cosine_with_restarts" else None)
         train_steps(loss, membrane, cfg.iterations, lr=cfg.lr, name=f"{self.name}[{request.concepts[k]}]",
-                    progress=progress, optimizer="adamw", weight_decay=cfg.weight_decay)
+                    progress=progress, optimizer="adamw", weight_decay=cfg.weight_decay, lr_schedule=schedule)

@@ -46,17 +46,35 @@ An erased prompt's rows and its guide's are trimmed, part by part, to the shorte
 that release); the pooled site keeps one key per prompt. ``expand_prompts`` also edits each concept
 inside every template of ``templates`` (default the official code's object templates, "image of
 {}", ...), the key taken at the concept's last token in that context, and preserves each
-preserved concept in the same templates.
+preserved concept in the same templates. The official ``--expand_prompts`` (``uce_sd_erase.py``
+and ``uce_flux_edit.py`` at their current version) is ``expand_prompts=True,
+guide_context="template"``: each templated concept maps onto the guide in the same template
+("image of circle" onto "image of {guide}"), and the preserved concepts are not expanded.
+
+``preserve_empty`` (default off) adds the paper-era code's preservation of the empty prompt
+(``train-scripts/train_erase.py``, before the diffusers rewrite): "" is always in its retain list,
+kept over all its tokens (start, end and padding: the 77 CLIP tokens on SD; here every token of
+each part of the sequence, and the pooled embedding on SD3 / Flux), with the weight
+``empty_preserve_scale``, by default that code's ``max(0.1, 1 / (1 + number of preserved
+concepts))``. That code applied the one scale to "" and to the preserved concepts alike (over
+their 77 tokens too) and keyed the erased concepts with ``tokens="all"``: ``preserve_empty=True,
+tokens="all"`` and ``preserve_scale`` equal to that value reproduce it, up to the preserved
+concepts' tokens (here from their last word on).
 
 Differences from the official code, and why:
 
-* ``--expand_prompts``: ``uce_sd_erase.py`` extends the *preserved* list with the *erased*
-  concept's templates (it zips erased concepts with preserved ones), so that erase and preserve
-  terms cancel, and ``uce_flux_edit.py`` does not expand preserved concepts at all; efface expands
-  each preserved concept into the templates, the evident intent;
-* expanded prompts map to the bare guide in the official code (``guide_context="bare"``, the
-  default); ``guide_context="template"`` maps "image of circle" to "image of" instead, so that the
-  context words keep their values;
+* ``expand_prompts`` also puts each *preserved* concept into the templates; the current official
+  scripts expand only the erased concepts (and their guides). Only commit 4502388 of
+  ``uce_sd_erase.py`` touched the preserved list: it zipped erased concepts with preserved ones and
+  extended the preserved list with the *erased* concept's templates (a bug: erase and preserve
+  terms cancel), the guides untemplated;
+* ``guide_context`` defaults to ``"bare"`` (each expanded prompt maps onto the bare guide, as
+  commit 4502388 and RECE's first-release UCE); the current official scripts template the guide
+  (``guide_context="template"``: "image of circle" onto "image of", so that the context words
+  keep their values);
+* the empty prompt is preserved only with ``preserve_empty`` (the paper-era code always kept it,
+  the current scripts never do), and its weight is its own (``empty_preserve_scale``), not
+  ``preserve_scale``;
 * keys sit at the concept's last token in every template, not at the prompt's last token, so
   templates may continue after the concept ("a {} on a plain background");
 * Flux / SD3 sites have a bias ``b``. ``uce_flux_edit.py`` takes the guide and preserved values as
@@ -74,15 +92,15 @@ Differences from the official code, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, MethodConfig, register_method
-from efface.models.families import Conditioning, family_of
+from efface.methods.uce_keys import Encodings, PromptKeys, concept_keys, empty_keys, in_context
+from efface.models.families import family_of
 from efface.models.params import get_parameter
-from efface.models.text import encode, fill, token_count
 
 OBJECT_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")
 
@@ -100,7 +118,15 @@ class UCEConfig(MethodConfig):
     templates: tuple[str, ...] = field(default=OBJECT_TEMPLATES, metadata={"help": "templates of expand_prompts, "
                                                                                "'{}' is the concept"})
     guide_context: str = field(default="bare", metadata={"help": "expanded prompts map to the 'bare' guide "
-                                                                  "(official) or to the guide in the same 'template'"})
+                                                                  "(commit 4502388, RECE's first-release UCE) or to "
+                                                                  "the guide in the same 'template' (the current "
+                                                                  "official --expand_prompts)"})
+    preserve_empty: bool = field(default=False, metadata={"help": "also keep the empty prompt \"\" over every token "
+                                                                   "of the padded sequence (and its pooled embedding), "
+                                                                   "as the paper-era code (train_erase.py)"})
+    empty_preserve_scale: float | None = field(default=None, metadata={
+        "help": "weight of the \"\" term of preserve_empty; None: max(0.1, 1 / (1 + number of preserved concepts)), "
+                "the paper-era code's default preserve scale"})
     solve_dtype: str = field(default="float64", metadata={"help": "float32 or float64 for the solve"})
 
     def __post_init__(self) -> None:
@@ -109,145 +135,55 @@ class UCEConfig(MethodConfig):
         self.check_templates("templates")
         if self.lamb < 0 or self.erase_scale < 0 or self.preserve_scale < 0:
             raise InputError("lamb, erase_scale and preserve_scale must be >= 0")
+        if self.empty_preserve_scale is not None and self.empty_preserve_scale < 0:
+            raise InputError(f"empty_preserve_scale must be >= 0 (or None), not {self.empty_preserve_scale}")
 
-
-ENCODE_BATCH = 32  # prompts per text-encoder call when collecting keys
-
-
-@dataclass(frozen=True)
-class PromptKeys:
-    """The keys one prompt gives: per part of the token sequence (one per text encoder it carries,
-    :func:`part_starts`), its rows (n_j x d); and its pooled embedding (1 x P), if the family has one."""
-
-    parts: tuple[torch.Tensor, ...]
-    pooled: torch.Tensor | None
+    def empty_scale(self, n_preserved: int) -> float:
+        """The weight of the "" term (``preserve_empty``) with ``n_preserved`` preserved concepts:
+        ``empty_preserve_scale``, or the paper-era default ``max(0.1, 1 / (1 + n_preserved))``."""
+        if self.empty_preserve_scale is not None:
+            return self.empty_preserve_scale
+        return max(0.1, 1.0 / (1 + n_preserved))
 
 
 @dataclass(frozen=True)
 class Grams:
     """All that UCE's closed form reads of a site's keys (d x d each): ``erase`` ``C^T C``,
     ``guide_erase`` ``G^T C`` and ``preserve`` ``P^T P`` (erase keys ``C``, their row-aligned
-    guide keys ``G``, preserved keys ``P``). Keys of any number of concepts reduce to these; RECE
-    forms them directly from its derived embeddings."""
+    guide keys ``G``, preserved keys ``P``), and ``weighted``, the preserved keys that carry their
+    own weight instead of ``s_p``, already weighted (``sum_k s_k K_k^T K_k``: the empty prompt of
+    ``preserve_empty``), or None. Keys of any number of concepts reduce to these; RECE forms them
+    directly from its derived embeddings."""
 
     erase: torch.Tensor
     guide_erase: torch.Tensor
     preserve: torch.Tensor
+    weighted: torch.Tensor | None = None
 
     def to(self, device, dtype) -> Grams:
-        return Grams(*(t.to(device, dtype) for t in (self.erase, self.guide_erase, self.preserve)))
+        weighted = None if self.weighted is None else self.weighted.to(device, dtype)
+        return Grams(*(t.to(device, dtype) for t in (self.erase, self.guide_erase, self.preserve)), weighted)
 
 
 @dataclass(frozen=True)
 class SiteKeys:
     """UCE's keys for the edit sites that read one input (``"sequence"`` or ``"pooled"``), stacked:
     ``erase`` (n x d), the ``guide`` keys row-aligned with them (n x d), whose values the erase keys
-    must take, and ``preserve`` (m x d), whose current values must stay."""
+    must take, and ``preserve`` (m x d), whose current values must stay; ``weighted``: more keys whose
+    values must stay, each block with its own weight instead of ``s_p`` (``preserve_empty``'s "")."""
 
     erase: torch.Tensor
     guide: torch.Tensor
     preserve: torch.Tensor
+    weighted: tuple[tuple[torch.Tensor, float], ...] = ()
 
     def grams(self, device, dtype) -> Grams:
         c, g, p = (k.to(device, dtype) for k in (self.erase, self.guide, self.preserve))
-        return Grams(c.T @ c, g.T @ c, p.T @ p)
-
-
-def part_starts(pipe) -> list[int]:
-    """Where each text encoder's part of :attr:`Conditioning.embeds` begins, in the order of
-    ``family.word_positions`` (SD, SDXL, Flux: ``[0]``; SD3: the CLIP part and the T5 part): the
-    positions of the empty word, the first token of each part."""
-    return family_of(pipe).word_positions(pipe, "{}", "")
-
-
-def fits(pipe, text: str) -> bool:
-    """Whether every tokenizer of the pipeline keeps all of ``text``."""
-    toks = [getattr(pipe, name, None) for name in family_of(pipe).tokenizers]
-    return all(token_count(t, text) <= t.model_max_length for t in toks if t is not None)
-
-
-Encodings = dict[tuple[str, bool], Conditioning]  # (prompt, trimmed) -> its conditioning (one row)
-
-
-@torch.no_grad()
-def encode_each(pipe, prompts: list[str], *, trim: bool = False, cache: Encodings | None = None) -> list[Conditioning]:
-    """Each prompt's conditioning (one row, float32), every distinct prompt not yet in ``cache``
-    encoded once, in batches (:func:`_batches`). ``trim``: each batch only as far as its longest
-    prompt where the family's text encoders are causal (``Family.encode``; rows of different
-    batches may then differ in length). ``cache`` (filled here) shares encodings between calls
-    (RECE: its UCE stage and its rounds)."""
-    cache = {} if cache is None else cache
-    todo = list(dict.fromkeys(p for p in prompts if (p, trim) not in cache))
-    for chunk in _batches(pipe, todo, trim):
-        cond = encode(pipe, chunk, trim=trim).float()
-        for r, prompt in enumerate(chunk):
-            cache[prompt, trim] = cond[r]
-    return [cache[p, trim] for p in prompts]
-
-
-def _batches(pipe, prompts: list[str], trim: bool) -> list[list[str]]:
-    """:data:`ENCODE_BATCH` prompts per batch; trimmed on a causal family, prompts of one token
-    count per batch (no padding at all), as many as fill the tokens of a full-length batch (the
-    same memory; each encoder call reads all the encoder's weights, so few, full calls)."""
-    family = family_of(pipe)
-    if not (trim and family.causal_text):
-        return [prompts[b : b + ENCODE_BATCH] for b in range(0, len(prompts), ENCODE_BATCH)]
-    tok = family.tokenizer(pipe)
-    budget = ENCODE_BATCH * tok.model_max_length
-    batches: list[list[str]] = []
-    last = None
-    for n, prompt in sorted((token_count(tok, p), p) for p in prompts):
-        if n != last or (len(batches[-1]) + 1) * n > budget:
-            batches.append([])
-            last = n
-        batches[-1].append(prompt)
-    return batches
-
-
-@torch.no_grad()
-def concept_keys(pipe, prompts: list[str], tokens: str, positions: list[list[int]],
-                 cache: Encodings | None = None) -> list[PromptKeys]:
-    """UCE's keys of ``prompts`` (float32, on the text encoders' device), through :func:`encode_each`
-    (every distinct prompt once; ``"last"``: encoded only as far as the longest prompt of its
-    batch where the encoders are causal).
-
-    ``positions[i]``: the rows of prompt ``i`` that hold the concept's last token, one per part of
-    the sequence (``family.word_positions``, as :func:`in_context` gives them). ``"last"``: those
-    rows; ``"all"``: in each part, that row and every later one to the part's end (the padded
-    length: SD 77 CLIP tokens, Flux the T5 sequence, SD3 each of both).
-    """
-    starts = part_starts(pipe)
-    out = []
-    for prompt, cond, pos in zip(prompts, encode_each(pipe, prompts, trim=tokens == "last", cache=cache), positions,
-                                 strict=True):
-        seq = cond.embeds[0]
-        ends = [*starts[1:], len(seq)]
-        if len(pos) != len(starts) or not all(s <= q < e for q, s, e in zip(pos, starts, ends)):
-            raise ValueError(f"positions {pos} of {prompt!r} do not lie in the sequence's parts "
-                             f"{list(zip(starts, ends))}")
-        parts = tuple(seq[q : q + 1] if tokens == "last" else seq[q:e] for q, e in zip(pos, ends))
-        out.append(PromptKeys(parts, cond.pooled))
-    return out
-
-
-def in_context(pipe, words: list[str], templates: tuple[str, ...],
-               guides: list[str] | None = None, guide_template: bool = True) -> tuple[list, list, list, list]:
-    """Each word alone and in every template (pairs a tokenizer would truncate are left out), with
-    the positions of the word's last token in each prompt (``family.word_positions``: one per part
-    of the sequence); with ``guides`` (one per word), the row-aligned guide prompts and their
-    positions: the guide in the same template, or bare (``guide_template=False``)."""
-    family = family_of(pipe)
-    prompts, ends, g_prompts, g_ends = [], [], [], []
-    for i, w in enumerate(words):
-        for t in ("{}", *templates):
-            gt = t if guide_template else "{}"
-            texts = [fill(t, w)] + ([fill(gt, guides[i])] if guides is not None else [])
-            if not all(fits(pipe, x) for x in texts):
-                continue
-            prompts.append(texts[0]), ends.append(family.word_positions(pipe, t, w))
-            if guides is not None:
-                g_prompts.append(texts[1]), g_ends.append(family.word_positions(pipe, gt, guides[i]))
-    return prompts, ends, g_prompts, g_ends
+        weighted = None
+        for k, scale in self.weighted:
+            k = k.to(device, dtype)
+            weighted = scale * k.T @ k if weighted is None else weighted + scale * k.T @ k
+        return Grams(c.T @ c, g.T @ c, p.T @ p, weighted)
 
 
 def _cat(rows: list[torch.Tensor], width: int, like: torch.Tensor) -> torch.Tensor:
@@ -303,25 +239,30 @@ def _align(erase: torch.Tensor, guide: torch.Tensor) -> tuple[torch.Tensor, torc
 def normal_matrices(keys: SiteKeys | Grams, *, erase_scale: float, preserve_scale: float, lamb: float,
                     device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
     """What the closed form of every layer reading ``keys`` shares (d x d each): ``mat2 = lamb I +
-    s_e C^T C + s_p P^T P``, ``G^T C`` and ``P^T P`` (``C``, ``G``, ``P``: erase, guide and preserve
-    keys), so that a layer's ``mat1 = lamb W + s_e W_guide G^T C + s_p W P^T P`` (the sums of the
+    s_e C^T C + Q``, ``G^T C`` and the whole preserve term ``Q = s_p P^T P (+ sum_k s_k K_k^T K_k,
+    the keys with their own weight: Grams.weighted)`` (``C``, ``G``, ``P``: erase, guide and
+    preserve keys), so that a layer's ``mat1 = lamb W + s_e W_guide G^T C + W Q`` (the sums of the
     formula above, with ``v_i* = W_guide g_i``) and ``W_new = mat1 mat2^-1``."""
     grams = keys.grams(device, dtype) if isinstance(keys, SiteKeys) else keys.to(device, dtype)
     eye = torch.eye(grams.erase.shape[1], dtype=dtype, device=device)
-    mat2 = lamb * eye + erase_scale * grams.erase + preserve_scale * grams.preserve
-    return mat2, grams.guide_erase, grams.preserve
+    kept = preserve_scale * grams.preserve
+    if grams.weighted is not None:
+        kept = kept + grams.weighted
+    mat2 = lamb * eye + erase_scale * grams.erase + kept
+    return mat2, grams.guide_erase, kept
 
 
 @torch.no_grad()
 def edit_maps(keys: SiteKeys | Grams, *, erase_scale: float, preserve_scale: float, lamb: float,
               device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """The two d x d maps every layer reading ``keys`` shares: ``W_new = W M_keep + W_guide M_guide``
-    with ``M_keep = (lamb I + s_p P^T P) mat2^-1`` and ``M_guide = s_e G^T C mat2^-1``: the closed
-    form of :func:`normal_matrices` with its one solve done once for all layers."""
-    mat2, guide_erase, pp = normal_matrices(keys, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
-                                            device=device, dtype=dtype)
+    with ``M_keep = (lamb I + Q) mat2^-1`` (``Q = s_p P^T P``, plus the keys with their own weight)
+    and ``M_guide = s_e G^T C mat2^-1``: the closed form of :func:`normal_matrices` with its one
+    solve done once for all layers."""
+    mat2, guide_erase, kept = normal_matrices(keys, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
+                                              device=device, dtype=dtype)
     d = mat2.shape[0]
-    keep = lamb * torch.eye(d, dtype=dtype, device=device) + preserve_scale * pp
+    keep = lamb * torch.eye(d, dtype=dtype, device=device) + kept
     maps = torch.linalg.solve(mat2, torch.cat([keep, erase_scale * guide_erase]), left=False)  # X mat2 = [.; .]
     return maps[:d], maps[d:]
 
@@ -385,4 +326,9 @@ class UCE(ErasureMethod[UCEConfig]):
         preserve, p_pos, _, _ = in_context(pipe, list(request.preserve), templates)
         found = concept_keys(pipe, [*erase, *guide, *preserve], cfg.tokens, [*e_pos, *g_pos, *p_pos], cache)
         n, m = len(erase), len(erase) + len(guide)
-        return stack_keys(found[:n], found[n:m], found[m:])
+        keys = stack_keys(found[:n], found[n:m], found[m:])
+        if cfg.preserve_empty:
+            scale = cfg.empty_scale(len(request.preserve))
+            empty = empty_keys(pipe, cache)
+            keys = {site: replace(k, weighted=((empty[site], scale),)) for site, k in keys.items()}
+        return keys

@@ -133,6 +133,15 @@ class NudityRate(Metric):
                 found[label] = max(score, found.get(label, 0.0))
         return found
 
+    def scores(self, image: Image.Image) -> dict[str, float]:
+        """The best detection score of every counted class in ``image`` (no threshold applied)."""
+        found: dict[str, float] = {}
+        for d in self.detector(to_bgr(image)):
+            label, score = d.get("class"), float(d.get("score", 0.0))
+            if label in self.config.classes:
+                found[label] = max(score, found.get(label, 0.0))
+        return found
+
     def update(self, images: Sequence[Image.Image], **batch: Any) -> None:
         """Judge a batch of images (other keyword arguments are ignored)."""
         self.found.extend(self.detect(im) for im in images)

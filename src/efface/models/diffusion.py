@@ -35,10 +35,11 @@ def predict(pipe, x_t: torch.Tensor, t, cond: Conditioning, guidance: float | No
     return family_of(pipe).predict(pipe, x_t, t, cond, guidance, uncond, denoiser=denoiser)
 
 
-def sampler(pipe, num_steps: int):
+def sampler(pipe, num_steps: int, solver: str = "default"):
     """A private sampler with the pipeline's noise schedule, set to ``num_steps`` steps (DDIM on
-    UNets, flow-matching Euler on transformers); its ``timesteps`` are the steps' timesteps."""
-    return family_of(pipe).scheduler(pipe, num_steps)
+    UNets, flow-matching Euler on transformers; ``solver="dpm++"``: DPM-Solver++ on UNets); its
+    ``timesteps`` are the steps' timesteps."""
+    return family_of(pipe).scheduler(pipe, num_steps, solver)
 
 
 def initial_latents(pipe, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,15 +63,15 @@ def num_train_timesteps(pipe) -> int:
 @torch.no_grad()
 def sample_to(pipe, cond: Conditioning, uncond: Conditioning | None, stop_index: int, num_steps: int,
               guidance: float, generator: torch.Generator, latents: torch.Tensor | None = None, *,
-              denoiser: torch.nn.Module | None = None, eta: float = 0.0) -> torch.Tensor:
+              denoiser: torch.nn.Module | None = None, eta: float = 0.0, solver: str = "default") -> torch.Tensor:
     """Run the first ``stop_index`` of ``num_steps`` sampling steps from x_T and return the latent there.
 
     The result sits at timestep ``sampler(pipe, num_steps).timesteps[stop_index]`` (for
     ``stop_index == num_steps``: the final x_0). ``denoiser`` defaults to the pipeline's own;
     ``latents`` to fresh noise, one per row of ``cond``; ``eta > 0`` is stochastic DDIM, seeded by
-    ``generator`` (UNet families).
+    ``generator`` (UNet families); ``solver``: :func:`sampler`'s.
     """
-    *_, x = _sampling(pipe, cond, uncond, stop_index, num_steps, guidance, generator, latents, denoiser, eta)
+    *_, x = _sampling(pipe, cond, uncond, stop_index, num_steps, guidance, generator, latents, denoiser, eta, solver)
     return x
 
 
@@ -85,12 +86,13 @@ def sample_trajectory(pipe, cond: Conditioning, uncond: Conditioning | None, sto
                                       denoiser, eta)))
 
 
-def _sampling(pipe, cond, uncond, stop_index, num_steps, guidance, generator, latents, denoiser, eta):
+def _sampling(pipe, cond, uncond, stop_index, num_steps, guidance, generator, latents, denoiser, eta,
+              solver="default"):
     """The latents of the first ``stop_index`` sampling steps, x_T first (:func:`sample_to`)."""
     family = family_of(pipe)
     if not 0 <= stop_index <= num_steps:
         raise InputError(f"stop_index must be in [0, {num_steps}], not {stop_index}")
-    scheduler = family.scheduler(pipe, num_steps)
+    scheduler = family.scheduler(pipe, num_steps, solver)
     den = denoiser if denoiser is not None else family.denoiser(pipe)
     x = family.initial_latents(pipe, len(cond), generator) if latents is None else latents.to(den.device, den.dtype)
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -130,9 +132,12 @@ def random_index(n: int, generator: torch.Generator, size: int | None = None):
 def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter], iterations: int, *,
                 lr: float, name: str, progress: bool = True, optimizer: str = "adam",
                 weight_decay: float = 0.0, max_grad_norm: float = 0.0,
-                state: dict[str, Any] | None = None) -> list[float]:
+                state: dict[str, Any] | None = None,
+                lr_schedule: Callable[[int], float] | None = None) -> list[float]:
     """Minimise ``loss_fn(i)`` for ``iterations`` steps with Adam (or ``"adamw"``) over ``params``;
-    ``max_grad_norm`` > 0 clips the gradients' global norm before each step. Precision, gradient
+    ``max_grad_norm`` > 0 clips the gradients' global norm before each step; ``lr_schedule(i)``
+    multiplies ``lr`` at step ``i`` (0-based; a function of the step alone, so a resumed loop
+    continues on the same schedule). Precision, gradient
     checkpointing and the 8-bit optimizer follow the enclosing
     :func:`efface.models.precision.training` block (fp32 master weights and autocast for fp16 /
     bf16 parameters by default; nothing changes on fp32 models).
@@ -165,6 +170,8 @@ def train_steps(loss_fn: Callable[[int], torch.Tensor], params: list[torch.nn.Pa
                 raise TrainingDiverged(f"{name}: the loss became {value} at iteration {i + 1} of {iterations}; "
                                        "nothing was kept. Lower the learning rate (lr=...) and try again")
             trainer.backward(loss)
+            if lr_schedule is not None:
+                trainer.scale_lr(lr_schedule(i))
             trainer.step()
             losses.append(value)
             bar.set_postfix(loss=f"{value:.4g}")

@@ -172,6 +172,12 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device, dtype=self.autocast_dtype)
 
+    def scale_lr(self, factor: float) -> None:
+        """This step's learning rate: the loop's ``lr`` times ``factor`` (a schedule's value)."""
+        for group in self.optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * factor
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params:
@@ -209,6 +215,23 @@ class Trainer:
             p.grad = None
         for m in self.masters or ():
             m.grad = None
+
+
+def cosine_with_restarts(warmup: int, total: int, cycles: int):
+    """A learning-rate factor per step (0-based): linear warm-up over ``warmup`` steps, then
+    ``cycles`` cosine decays from 1 to 0, each restarting at 1 ("cosine with hard restarts", the
+    schedule diffusers' training scripts name ``cosine_with_restarts``)."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if progress >= 1.0:
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+
+    return factor
 
 
 def _optimizer(params: list[torch.Tensor], kind: str, lr: float, weight_decay: float, eight_bit: bool):

@@ -3,6 +3,13 @@
 Every printable ASCII character is a token both mid-word (``c``) and word-final (``c</w>``), so any
 text tokenizes; each toy word gets the chain of merges that makes it a single token, as common
 words are in the real CLIP vocabulary.
+
+``tokenizer.json``'s decoder (:func:`decoder`) reads the ``</w>`` end-of-word markers as spaces
+(byte-level decoding alone keeps them: ``scarlet</w>ruby</w>``) and writes no space between a word
+and the punctuation after it, so ``decode(encode(caption)) == caption`` for the toy captions and
+the decoded text re-tokenises to the same ids. transformers' ``CLIPTokenizer`` builds its own
+decoder on load and mends it with a decode wrapper (lost when the tokenizer is deep-copied); the
+``tokenizers`` library and other readers of the file use this one.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+from tokenizers import Regex, decoders
 from transformers import CLIPTokenizer
 
 from efface.toy.world import vocabulary
@@ -47,6 +55,17 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
+def decoder() -> decoders.Decoder:
+    """Byte-level decoding, then every ``</w>`` a space, no space between a letter or digit and the
+    punctuation after it, and no trailing space."""
+    return decoders.Sequence([
+        decoders.ByteLevel(),
+        decoders.Replace("</w>", " "),
+        decoders.Replace(Regex(r"(?<=[\p{L}\p{N}]) (?=[^\s\p{L}\p{N}])"), ""),
+        decoders.Strip(" ", 0, 1),
+    ])
+
+
 def write_tokenizer(directory: str | Path) -> CLIPTokenizer:
     """Write the toy tokenizer (vocab.json, merges.txt, tokenizer.json) into ``directory`` and load it back through transformers."""
     directory = Path(directory)
@@ -62,5 +81,6 @@ def write_tokenizer(directory: str | Path) -> CLIPTokenizer:
         unk_token=EOS,
         model_max_length=MAX_LENGTH,
     )
+    tok.backend_tokenizer.decoder = decoder()
     tok.save_pretrained(directory)
     return CLIPTokenizer.from_pretrained(directory)

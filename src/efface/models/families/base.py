@@ -306,9 +306,17 @@ class Family:
         must predict there."""
         raise NotImplementedError
 
-    def scheduler(self, pipe, num_steps: int):
-        """A private sampler with the pipeline's schedule, set to ``num_steps`` steps."""
+    solvers: ClassVar[tuple[str, ...]] = ("default",)  # sampler kinds of :meth:`scheduler`, the family's first
+
+    def scheduler(self, pipe, num_steps: int, solver: str = "default"):
+        """A private sampler with the pipeline's schedule, set to ``num_steps`` steps; ``solver``
+        one of :attr:`solvers` ("default": the family's own)."""
         raise NotImplementedError
+
+    def check_solver(self, solver: str) -> None:
+        if solver != "default" and solver not in self.solvers:
+            raise InputError(f"sampler {solver!r} is not offered on {self.name} models: use one of "
+                             f"{', '.join(self.solvers)}")
 
     def step(self, scheduler, out: torch.Tensor, t, x: torch.Tensor, eta: float, generator: torch.Generator) -> torch.Tensor:
         return scheduler.step(out, t, x, return_dict=False)[0]

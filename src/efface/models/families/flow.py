@@ -123,9 +123,12 @@ class FlowFamily(Family):
         _, h, w = self.latent_shape(pipe)
         return h * w
 
-    def scheduler(self, pipe, num_steps: int):
+    solvers: ClassVar[tuple[str, ...]] = ("euler",)
+
+    def scheduler(self, pipe, num_steps: int, solver: str = "default"):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        self.check_solver(solver)
         if num_steps < 1:
             raise InputError(f"the number of sampling steps must be at least 1, not {num_steps}")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)

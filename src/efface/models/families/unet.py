@@ -114,17 +114,27 @@ class UNetFamily(Family):
         a = self.alphas_cumprod(pipe, t, x_t).to(out.dtype)
         return a.sqrt() * out + (1 - a).sqrt() * x_t
 
-    def scheduler(self, pipe, num_steps: int):
-        from diffusers import DDIMScheduler
+    # "ddim" (eta: stochastic when > 0); "dpm++": DPMSolverMultistepScheduler's defaults
+    # (dpmsolver++, order 2: deterministic), as diffusers training scripts sample class images
+    solvers: ClassVar[tuple[str, ...]] = ("ddim", "dpm++")
 
+    def scheduler(self, pipe, num_steps: int, solver: str = "default"):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        self.check_solver(solver)
         if num_steps < 1:
             raise InputError(f"the number of sampling steps must be at least 1, not {num_steps}")
-        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        cls = DPMSolverMultistepScheduler if solver == "dpm++" else DDIMScheduler
+        scheduler = cls.from_config(pipe.scheduler.config)
         scheduler.set_timesteps(num_steps, device=self.denoiser(pipe).device)
         return scheduler
 
     def step(self, scheduler, out, t, x, eta, generator):
-        return scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
+        from diffusers import DDIMScheduler
+
+        if isinstance(scheduler, DDIMScheduler):
+            return scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
+        return scheduler.step(out, t, x, return_dict=False)[0]  # deterministic solvers: no eta
 
     def _encode(self, pipe, prompts: list[str]) -> Conditioning:
         device = getattr(pipe, self.text_encoders[0]).device

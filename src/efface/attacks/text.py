@@ -1,0 +1,73 @@
+"""Text that survives decode / encode: how the discrete-token attacks stay within prompts a person
+can type (:mod:`efface.attacks.base`, "Text replay"). Plain text of token ids without the
+tokenizer's decode wrapper, the ids a text gives, the tokens that are whole words on their own,
+and which curated concept kind (nudity, violence) a concept names."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from efface.errors import InputError
+
+REPLAYS = ("text", "embedding")
+
+
+def check_replay(value: str) -> None:
+    """Refuse a ``replay`` option other than ``"text"`` or ``"embedding"``."""
+    if value not in REPLAYS:
+        raise InputError(f"replay must be 'text' (judge the decoded, re-tokenised prompt, as the official codes) or "
+                         f"'embedding' (the found token ids' embedding, an id-level variant), not {value!r}")
+
+
+_ALNUM_SPACE_PUNCT = re.compile(r"(?<=[^\W_]) (?=[^\w\s]|_)")  # "circle , red" -> "circle, red"
+
+
+def decode_text(tokenizer, ids) -> str:
+    """Plain text of token ids (special tokens dropped): CLIP's byte-level BPE decoded, every
+    end-of-word marker ``</w>`` a space, no space between a word and the punctuation after it
+    (kept where dropping it would change the re-tokenisation). Independent of the tokenizer's
+    decode wrapper, which transformers loses when a tokenizer is deep-copied."""
+    from tokenizers import decoders
+
+    ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    special = set(tokenizer.all_special_ids)
+    pieces = tokenizer.convert_ids_to_tokens([i for i in ids if i not in special])
+    raw = decoders.ByteLevel().decode(pieces) if pieces else ""
+    spaced = " ".join(raw.replace("</w>", " ").split())
+    joined = _ALNUM_SPACE_PUNCT.sub("", spaced)
+    if joined != spaced and body_ids(tokenizer, joined) != body_ids(tokenizer, spaced):
+        return spaced
+    return joined
+
+
+def body_ids(tokenizer, text: str) -> list[int]:
+    """The token ids ``tokenizer`` gives ``text``, without the start and end tokens and untruncated."""
+    return tokenizer(text, truncation=False).input_ids[1:-1]
+
+
+def whole_word_tokens(tokenizer) -> torch.Tensor:
+    """Ids (ascending) of the tokens that are a whole word on their own: word-final (``</w>``), not
+    special, and re-tokenised to themselves. Any sequence of them decodes to text that re-tokenises
+    to the same ids, also between the words of a prompt."""
+    special = set(tokenizer.all_special_ids)
+    candidates = [i for i in range(len(tokenizer)) if i not in special
+                  and tokenizer.convert_ids_to_tokens(i).endswith("</w>")]
+    texts = [decode_text(tokenizer, [i]) for i in candidates]
+    encoded = tokenizer([t for t in texts], truncation=False).input_ids if texts else []
+    kept = [i for i, t, e in zip(candidates, texts, encoded) if t.strip() and e[1:-1] == [i]]
+    if not kept:
+        raise InputError("the tokenizer has no whole-word tokens that survive decode and re-encode; "
+                         "use replay='embedding'")
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def concept_kind(concept: str) -> str | None:
+    """``"nudity"`` or ``"violence"`` when ``concept`` names one of them (curated defaults exist), else None."""
+    words = concept.lower()
+    if any(w in words for w in ("nud", "naked", "nsfw", "sexual", "porn", "explicit")):
+        return "nudity"
+    if any(w in words for w in ("violen", "gore", "blood", "weapon")):
+        return "violence"
+    return None
