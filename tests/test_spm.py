@@ -201,7 +201,7 @@ def test_train_steps_follows_the_schedule_step_by_step():
         return 0.0 if i == 0 else 1.0
 
     train_steps(loss, [p], 3, lr=0.1, name="s", progress=False, optimizer="adamw", lr_schedule=schedule)
-    assert seen == [0, 1, 2] and 0 < float(p) < 1  # steps 1 and 2 moved p
+    assert seen == [0, 1, 2] and 0 < float(p.detach()) < 1  # steps 1 and 2 moved p
     q = torch.nn.Parameter(torch.zeros(1))
     train_steps(lambda i: (q - 1).pow(2).sum(), [q], 3, lr=0.1, name="s", progress=False, lr_schedule=lambda i: 0.0)
-    assert float(q) == 0.0  # at lr 0 nothing moves
+    assert float(q.detach()) == 0.0  # at lr 0 nothing moves
