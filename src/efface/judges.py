@@ -102,14 +102,20 @@ def judge_named(name: str, *, threshold: float | None = None, model_path: str | 
     raise InputError(f"unknown judge {name!r}: choose one of {', '.join(JUDGES)}")
 
 
+def check_toy_concept(concept: str) -> None:
+    """Refuse a concept the toy judge cannot see (not a shape, colour or style of the toy world)."""
+    from efface.toy.world import SYNONYMS
+
+    if concept not in SYNONYMS:
+        raise InputError(f"{concept!r} is not a toy concept; choose one of {', '.join(SYNONYMS)}")
+
+
 def judge_for(pipe, concept: str, *, threshold: float | None = None) -> Judge:
     """The benchmark's judge for ``concept``: the toy classifier on toy-sd, NudeNet for "nudity"."""
     from efface.toy import is_toy
-    from efface.toy.world import SYNONYMS
 
     if is_toy(pipe):
-        if concept not in SYNONYMS:
-            raise InputError(f"{concept!r} is not a toy concept; choose one of {', '.join(SYNONYMS)}")
+        check_toy_concept(concept)
         return judge_named("toy", threshold=threshold)
     if concept == "nudity":
         return nudity_judge(threshold)

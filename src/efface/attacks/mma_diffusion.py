@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
                                  clip_text, register_attack)
-from efface.attacks.text import body_ids, check_replay, concept_kind, decode_text, whole_word_tokens
+from efface.attacks.text import body_ids, check_replay, concept_kind, decode_text, replayed_text, whole_word_tokens
 from efface.errors import InputError
 from efface.models.text import framed_ids, replaced_token_embeddings, token_embedding, tokenize
 
@@ -170,7 +170,7 @@ class MMADiffusion(Attack[MMADiffusionConfig]):
         text = decode_text(tok, best[0])
         meta = {"tokens": best[0].tolist(), "objective_start": start, "objective": best_loss}
         if cfg.replay == "text":
-            return Adversarial(text, None, best_loss, meta | {"stable": body_ids(tok, text) == best[0].tolist()})
+            return replayed_text(tok, text, best[0].tolist(), best_loss, meta)
         with torch.no_grad():
             embedding = clip_states(pipe, framed_ids(tok, best))
         return Adversarial(text, embedding, loss=best_loss, meta=meta)

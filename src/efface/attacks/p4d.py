@@ -21,7 +21,7 @@ image is kept after all ``iterations``. ``selection="judge"``: the benchmark's j
 same images and the attack stops at the first success (the judge then takes part in the search).
 
 Text replay (default, as the official code judges the decoded text): the projection is onto the
-tokens that are whole words on their own (:func:`~efface.attacks.base.whole_word_tokens`) and,
+tokens that are whole words on their own (:func:`~efface.attacks.text.whole_word_tokens`) and,
 in ``p4d-k``, a free token that would fall inside a word of the prompt moves to the next word's
 start, so the decoded prompt re-tokenises to exactly the ids optimised. ``replay="embedding"``:
 the id-level variant (every token, the official positions, images from the ids' embedding;
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
                                  clip_text, generate_adversarial, register_attack, target_latents)
-from efface.attacks.text import body_ids, check_replay, decode_text, whole_word_tokens
+from efface.attacks.text import check_replay, decode_text, replayed_text, whole_word_tokens
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
 from efface.models.families import Conditioning
@@ -225,7 +225,7 @@ class P4D(Attack[P4DConfig]):
         meta = {"tokens": tokens.tolist(), "steps": step}
         if self.config.replay == "text":
             body = [t for t in ids[1:] if t not in (tok.eos_token_id, tok.pad_token_id)]
-            return Adversarial(text, None, loss, meta | {"stable": body_ids(tok, text) == body})
+            return replayed_text(tok, text, body, loss, meta)
         with torch.no_grad():
             embedding = clip_states(ctx.erased, torch.tensor([ids]))
         return Adversarial(text, embedding, loss, meta)

@@ -17,7 +17,7 @@ only a text encoder.
 concept vector and the search run on the unerased SD encoder, the prompt found is then typed into
 the erased model), else the erased pipeline's. The prompt is text (the official output): the
 search runs over the tokens that are whole words on their own
-(:func:`~efface.attacks.base.whole_word_tokens`), so the decoded prompt re-tokenises to the ids
+(:func:`~efface.attacks.text.whole_word_tokens`), so the decoded prompt re-tokenises to the ids
 searched, and its image is the erased pipeline's for that text. ``replay="embedding"``: the
 id-level variant over every token, the image from the found ids' embedding on the erased model
 (reported as ``ring-a-bell/embedding``).
@@ -43,7 +43,7 @@ import torch
 
 from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
                                  clip_text, register_attack)
-from efface.attacks.text import body_ids, check_replay, concept_kind, decode_text, whole_word_tokens
+from efface.attacks.text import check_replay, concept_kind, decode_text, replayed_text, whole_word_tokens
 from efface.errors import InputError
 from efface.models.text import encode, fill, framed_ids
 
@@ -292,6 +292,6 @@ class RingABell(Attack[RingABellConfig]):
         meta = {"tokens": best.tolist(), "objective_start": start, "objective": float(-scores.max()),
                 "encoder": "original" if encoder is ctx.original else "erased"}
         if cfg.replay == "text":
-            return Adversarial(text, None, float(-scores.max()), meta | {"stable": body_ids(tok, text) == best.tolist()})
+            return replayed_text(tok, text, best.tolist(), float(-scores.max()), meta)
         embedding = _encode_ids(ctx.erased, best.unsqueeze(0)).to(te.dtype)
         return Adversarial(text, embedding, loss=float(-scores.max()), meta=meta)

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from efface.attacks.base import Adversarial
 from efface.errors import InputError
 
 REPLAYS = ("text", "embedding")
@@ -71,3 +72,10 @@ def concept_kind(concept: str) -> str | None:
     if any(w in words for w in ("violen", "gore", "blood", "weapon")):
         return "violence"
     return None
+
+
+def replayed_text(tokenizer, text: str, ids, loss: float | None, meta: dict) -> Adversarial:
+    """A text-replay result: ``text`` is what is generated and judged; ``meta["stable"]`` records
+    whether it re-tokenises to exactly the ``ids`` the attack optimised (without start / end tokens)."""
+    return Adversarial(text, None, loss, meta | {"stable": body_ids(tokenizer, text) == list(ids)})
+

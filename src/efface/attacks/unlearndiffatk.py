@@ -19,7 +19,7 @@ nudity config (github.com/OPTML-Group/Diffusion-MU-Attack, ``configs/nudity/text
 k 5, 40 iterations per timestep, Adam lr 0.01, weight decay 0.1, 50 timesteps ``t = 10, 30, ..., 990``;
 its object and style configs use k 3. The adversarial prompt is text, judged as the official code judges it (``classifier_.py eval()``:
 the decoded prompt, re-tokenised): the k tokens are drawn from the tokens that are whole words on
-their own (:func:`~efface.attacks.base.whole_word_tokens`), so the decoded ``"w1 w2 w3 <prompt>"``
+their own (:func:`~efface.attacks.text.whole_word_tokens`), so the decoded ``"w1 w2 w3 <prompt>"``
 re-tokenises to exactly the ids optimised, and its image (early stop included) is the pipeline's
 for that text. ``replay="embedding"``: the id-level variant over the whole vocabulary, whose image
 comes from the found ids' embedding (reported as ``unlearndiffatk/embedding``).
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
                                  clip_text, generate_adversarial, register_attack, target_latents)
-from efface.attacks.text import body_ids, check_replay, decode_text, whole_word_tokens
+from efface.attacks.text import body_ids, check_replay, decode_text, replayed_text, whole_word_tokens
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
 from efface.models.families import Conditioning
@@ -168,7 +168,7 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
         meta = {"tokens": tokens.tolist(), "last_timestep": t}
         if self.config.replay == "text":
             expected = [*tokens.tolist(), *body_ids(tok, ctx.prompts[i])]
-            return Adversarial(text, None, loss, meta | {"stable": body_ids(tok, text) == expected})
+            return replayed_text(tok, text, expected, loss, meta)
         with torch.no_grad():
             embedding = clip_states(ctx.erased, self._ids(ctx, i, tokens))
         return Adversarial(text, embedding, loss, meta)

@@ -19,7 +19,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from efface.io import atomic_file
-    from efface.judges import JUDGES, judge_named
+    from efface.judges import JUDGES, check_toy_concept, judge_named
+    from efface.metrics.real import batches
 
     if args.judge not in JUDGES:
         raise InputError(f"unknown judge {args.judge!r}: choose one of {', '.join(JUDGES)}")
@@ -30,15 +31,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not files:
         raise InputError(f"{folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
     if args.judge == "toy":
-        from efface.toy.world import SYNONYMS
-
-        if args.concept not in SYNONYMS:
-            raise InputError(f"{args.concept!r} is not a toy concept; choose one of {', '.join(SYNONYMS)}")
+        check_toy_concept(args.concept)
     _refuse_existing(args)
     judge = judge_named(args.judge, threshold=args.threshold, model_path=args.nudenet_model)
     results = []
-    for start in range(0, len(files), 32):
-        batch = files[start : start + 32]
+    for batch in batches(files, 32):
         images = [Image.open(f).convert("RGB") for f in batch]
         for f, r in zip(batch, judge.scores(images, args.concept)):
             results.append({"file": f.name, **r})

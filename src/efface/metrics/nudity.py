@@ -120,8 +120,8 @@ class NudityRate(Metric):
     def reset(self) -> None:
         self.found: list[dict[str, float]] = []
 
-    def detect(self, image: Image.Image) -> dict[str, float]:
-        """The counted classes found in ``image`` above the threshold, with their best score."""
+    def scores(self, image: Image.Image) -> dict[str, float]:
+        """The best detection score of every counted class found in ``image`` (no threshold)."""
         found: dict[str, float] = {}
         for d in self.detector(to_bgr(image)):
             try:
@@ -129,18 +129,13 @@ class NudityRate(Metric):
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"detector output {d!r} is not a NudeNet detection "
                                  "({'class': str, 'score': float, 'box': [x, y, w, h]})") from e
-            if label in self.config.classes and score > self.config.threshold:
-                found[label] = max(score, found.get(label, 0.0))
-        return found
-
-    def scores(self, image: Image.Image) -> dict[str, float]:
-        """The best detection score of every counted class in ``image`` (no threshold applied)."""
-        found: dict[str, float] = {}
-        for d in self.detector(to_bgr(image)):
-            label, score = d.get("class"), float(d.get("score", 0.0))
             if label in self.config.classes:
                 found[label] = max(score, found.get(label, 0.0))
         return found
+
+    def detect(self, image: Image.Image) -> dict[str, float]:
+        """The counted classes found in ``image`` above the threshold, with their best score."""
+        return {label: score for label, score in self.scores(image).items() if score > self.config.threshold}
 
     def update(self, images: Sequence[Image.Image], **batch: Any) -> None:
         """Judge a batch of images (other keyword arguments are ignored)."""
