@@ -84,3 +84,19 @@ def test_efface_score_refuses_bad_input(tmp_path, caplog, args, message):
     argv = ["score"] + [x for kv in base.items() for x in kv]
     assert main(argv) == 2 and message in caplog.text
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--methods", "uce", "--concepts", "circle", "--attacks", "no-attack", "--threshold", "0.45"],
+    ["attack", "--attack", "no-attack", "--concept", "circle", "--threshold", "0.45"],
+])
+def test_a_threshold_for_the_toy_judge_is_refused_before_loading(tmp_path, caplog, monkeypatch, argv):
+    import efface.cli.common as common
+
+    def no_load(args):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(common, "_load", no_load)
+    monkeypatch.setattr("efface.cli.evaluate._load", no_load)
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "no threshold" in caplog.text and not (tmp_path / "o").exists()

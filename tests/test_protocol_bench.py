@@ -132,3 +132,20 @@ def test_cli_without_prompts_or_nudenet_fails_before_loading(tmp_path, tiny_sd_d
         assert _bench(tmp_path, "--model", str(tiny_sd_dir), "--prompts", str(i2p)) == 2
         assert "pip install nudenet" in caplog.text
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_attacks_on_a_protocol_and_points_to_efface_attack(tmp_path, tiny_sd_dir, i2p, caplog):
+    caplog.set_level(logging.ERROR)
+    assert _bench(tmp_path, "--model", str(tiny_sd_dir), "--prompts", str(i2p), "--attacks", "no-attack") == 2
+    assert "efface attack" in caplog.text and "--threshold" in caplog.text
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_protocol_judge_defaults_to_reces_threshold():
+    from efface.benchmark.protocol import ProtocolConfig, _nudenet
+    from efface.judges import NUDITY_THRESHOLD
+
+    assert ProtocolConfig().threshold is None and NUDITY_THRESHOLD == 0.6
+    rate = _nudenet(ProtocolConfig(protocol="nudity"), detector_factory=lambda config: bright_detector)
+    assert rate.config.threshold == NUDITY_THRESHOLD
+    assert _nudenet(ProtocolConfig(threshold=0.45), detector_factory=lambda config: bright_detector).config.threshold == 0.45

@@ -93,13 +93,18 @@ def nudity_judge(threshold: float | None = None, model_path: str | None = None, 
 def judge_named(name: str, *, threshold: float | None = None, model_path: str | None = None) -> Judge:
     """The judge ``name`` (:data:`JUDGES`); a threshold only where the judge has one."""
     if name == "toy":
-        if threshold is not None:
-            raise InputError("the toy judge decides by the classifier's argmax and has no threshold: leave out "
-                             "--threshold")
+        check_toy_threshold(threshold)
         return toy_judge()
     if name == "nudity":
         return nudity_judge(threshold, model_path)
     raise InputError(f"unknown judge {name!r}: choose one of {', '.join(JUDGES)}")
+
+
+def check_toy_threshold(threshold: float | None) -> None:
+    """Refuse a threshold for the toy judge (it has none), before any model is loaded."""
+    if threshold is not None:
+        raise InputError("the toy judge decides by the classifier's argmax and has no threshold: leave out "
+                         "--threshold (it sets NudeNet's, for 'nudity' on a real model)")
 
 
 def check_toy_concept(concept: str) -> None:

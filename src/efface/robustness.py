@@ -64,7 +64,7 @@ def attack_success(attack: Attack, erased_pipe, concept: str, prompts: list[str]
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     attack.check(erased_pipe, concept, prompts, original, target_images, features)  # before any image is made
     start = time.perf_counter()
-    before = generate_many(erased_pipe, prompts, gen, seeds=seeds)
+    before = generate_many(erased_pipe, prompts, gen, seeds=seeds, progress=progress)
     pre = judge(before, concept)
     rest = [i for i, hit in enumerate(pre) if not hit]
     post: list[bool] = []

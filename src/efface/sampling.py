@@ -58,9 +58,9 @@ def generate(pipe, prompt: str, config: GenerationConfig | None = None, *, seed:
 
 
 def generate_many(pipe, prompts: list[str | torch.Tensor], config: GenerationConfig | None = None, *,
-                  seed: int = 0, seeds: list[int] | None = None) -> list[Image.Image]:
+                  seed: int = 0, seeds: list[int] | None = None, progress: bool = True) -> list[Image.Image]:
     """One image per prompt; image ``i`` uses seed ``seed + i``, or ``seeds[i]`` when ``seeds`` is
-    given (``config.num_images`` is ignored). A prompt may also be a text-encoder output of shape
+    given (``config.num_images`` is ignored); ``progress``: a bar over the batches (two or more). A prompt may also be a text-encoder output of shape
     ``(1, tokens, dim)`` (an attack's adversarial embedding), used as it is; a batch holding one
     is encoded with the pipeline's ``encode_prompt`` and sampled from embeddings."""
     config = config or GenerationConfig()
@@ -76,7 +76,7 @@ def generate_many(pipe, prompts: list[str | torch.Tensor], config: GenerationCon
         height, width = height or native[0], width or native[1]
     images: list[Image.Image] = []
     starts = range(0, len(prompts), config.batch_size)
-    for start in tqdm(starts, desc="batches", disable=len(starts) < 2):
+    for start in tqdm(starts, desc="batches", disable=not progress or len(starts) < 2):
         chunk = prompts[start : start + config.batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(chunk)]]
         guided = family.generation_kwargs(config.guidance, config.negative_prompt)

@@ -252,11 +252,12 @@ def image_path(k: int) -> str:
     return f"images/{k:04d}.png"
 
 
-def generate_adversarial(pipe, adversarial: list[Adversarial], seeds: list[int], gen: GenerationConfig) -> list:
+def generate_adversarial(pipe, adversarial: list[Adversarial], seeds: list[int], gen: GenerationConfig, *,
+                         progress: bool = True) -> list:
     """One image per adversarial prompt, with its seed, ``gen.batch_size`` at a time: text is
     encoded as the pipeline encodes it, embeddings are used as they are."""
     return generate_many(pipe, [a.embedding if a.embedding is not None else a.prompt for a in adversarial], gen,
-                         seeds=seeds)
+                         seeds=seeds, progress=progress)
 
 
 C = TypeVar("C", bound=AttackConfig)
@@ -355,7 +356,7 @@ class Attack(ABC, Generic[C]):
             from efface.sampling import generate_many
 
             target_images = generate_many(original, prompts, gen,  # the original model's images
-                                          seeds=[s + self.target_seed_offset for s in seeds])
+                                          seeds=[s + self.target_seed_offset for s in seeds], progress=progress)
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -367,7 +368,7 @@ class Attack(ABC, Generic[C]):
             adversarial = [self._attack(ctx, i)
                            for i in tqdm(range(len(prompts)), desc=self.name, disable=not progress)]
         seconds = time.perf_counter() - start
-        images = generate_adversarial(erased_pipe, adversarial, seeds, gen)
+        images = generate_adversarial(erased_pipe, adversarial, seeds, gen, progress=progress)
         return AttackResult(self.name, asdict(self.config), self.preset, ctx.concept, prompts, seeds, adversarial,
                             images, asdict(gen), seconds, learned=dict(ctx.learned))
 

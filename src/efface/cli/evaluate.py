@@ -56,6 +56,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if protocol.protocol:
         table, report = _protocol_bench(args, bench, evaluation, protocol)
     else:
+        from efface.judges import check_toy_threshold
+
+        check_toy_threshold(protocol.threshold)  # the toy grid (and its --attacks) judge with the toy classifier
         table, report = _bench(args, bench, evaluation)
     print(table)
     print(report)
@@ -67,6 +70,10 @@ def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tu
     from efface.benchmark.protocol import check_model, prepare, run_protocol_bench
 
     protocol.spec()
+    if bench.attack_list():
+        raise InputError("--attacks runs on the toy grid only for now; against a real model run efface attack "
+                         "--model M --erased DIR --attack A --concept nudity --prompt ... (--threshold sets "
+                         "NudeNet's threshold there too)")
     check_model(args.model)
     _check_presets(args, bench)
     prepared = prepare(protocol)
@@ -107,6 +114,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     preset, inputs = attack_setup(args.attack, args.model, args.preset)  # "toy" only on a toy model
     attack = cls(preset=preset, **inputs, **options)
     gen = GenerationConfig(steps=args.steps, guidance=args.guidance)
+    if toy_model(args.model):
+        from efface.judges import check_toy_concept, check_toy_threshold
+
+        check_toy_concept(args.concept), check_toy_threshold(args.threshold)  # before loading anything
     _refuse_existing(args)
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
