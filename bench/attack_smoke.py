@@ -1,4 +1,4 @@
-"""Attack erasures of "circle" on toy-sd with every registered attack; print pre-ASR and ASR.
+"""Attack erasures of "circle" on a toy model with every registered attack; print pre-ASR and ASR.
 
 For each method (preset "toy", the benchmark's request) and each attack (preset "toy", the
 CPU-sized budget): the toy evaluation's circle prompts ("a red circle", ..., the erased word in
@@ -14,7 +14,7 @@ the same prompts with the same seeds, so the papers' robustness claims (:data:`C
 as paired ASR differences with a 95 % bootstrap interval over the prompts (``--claims`` reprints
 them from earlier ``--json`` files). docs/attacks.md, "Robustness ordering".
 
-    python bench/attack_smoke.py [--methods uce,esd-x] [--attacks no-attack,ring-a-bell] [--n 16]
+    python bench/attack_smoke.py [--model toy-flux] [--methods uce,esd-x] [--attacks no-attack,ring-a-bell] [--n 16]
     python bench/attack_smoke.py --methods uce,rece,esd-x,esd-u,race,receler,advunlearn \\
         --attacks no-attack,unlearndiffatk --n 64 --erased-dir /tmp/erased --json study.json
     python bench/attack_smoke.py --claims study.json
@@ -97,8 +97,9 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, options
 
 
-def erased_for(original, spec: str, concept: str, seed: int, cache: Path | None) -> ErasedModel:
-    path = cache / re.sub(r"[^\w.=+-]", "_", f"{spec}-{concept}-{seed}") if cache else None
+def erased_for(original, spec: str, concept: str, seed: int, cache: Path | None, model: str = "toy") -> ErasedModel:
+    prefix = "" if model in ("toy", "toy-sd") else f"{model}-"  # toy-sd's cache keys stay as they were
+    path = cache / re.sub(r"[^\w.=+-]", "_", f"{prefix}{spec}-{concept}-{seed}") if cache else None
     if path is not None and path.exists():
         return ErasedModel.load(path)
     method, options = parse_method(spec)
@@ -114,6 +115,8 @@ def erased_for(original, spec: str, concept: str, seed: int, cache: Path | None)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy", choices=("toy", "toy-sd", "toy-flux"),
+                        help="the toy model (toy = toy-sd)")
     parser.add_argument("--methods", default="uce,esd-x")
     parser.add_argument("--attacks", default=",".join(ATTACKS.names()))
     parser.add_argument("--concept", default="circle")
@@ -126,14 +129,14 @@ def main() -> int:
     if args.claims:
         print_claims([r for f in args.claims for r in json.loads(Path(f).read_text())])
         return 0
-    original = load_pipeline("toy")
+    original = load_pipeline(args.model)
     original.set_progress_bar_config(disable=True)
     judge, features = toy_judge(), toy_features()
     prompts = toy_prompts(args.concept, args.n, args.seed)
     rows = []
     print(f"{'method':<12} {'attack':<18} {'pre-ASR':>8} {'ASR':>6} {'95% interval':>14} {'seconds':>8}", flush=True)
     for spec in args.methods.split(","):
-        erased = erased_for(original, spec, args.concept, args.seed, args.erased_dir)
+        erased = erased_for(original, spec, args.concept, args.seed, args.erased_dir, args.model)
         erased_pipe = erased.applied_copy(original)
         for name in args.attacks.split(","):
             preset, inputs = attack_setup(name, original)

@@ -1,4 +1,7 @@
-"""Erase the shape "circle" from toy-sd with every registered method and show it worked.
+"""Erase the shape "circle" from a toy model with every registered method and show it worked.
+
+``--model toy`` (toy-sd, the default) or ``--model toy-flux``; the methods are those that declare
+the model's family unless ``--methods`` names them.
 
 For the base model and for each method (preset "toy", the CPU-sized schedule of
 efface.toy.presets) prints: the toy classifier's circle rate on circle prompts (train words, and
@@ -17,7 +20,7 @@ concept of the axis ("square" for "circle"). The request is the benchmark's own
 down to that of toy-sd's shape-less prompts, "a red" and the like: 22%.)
 Each method runs in its own subprocess so that its peak memory is its own.
 
-    python bench/erasure_smoke.py [--methods uce,esd-x] [--n 48] [--concept circle] [--set key=value ...]
+    python bench/erasure_smoke.py [--model toy-flux] [--methods uce,esd-x] [--n 48] [--concept circle] [--set key=value ...]
 
 ``--set`` overrides an option of every method run, on top of its toy preset (as ``efface erase
 --set``), e.g. ``--methods esd-x,esd-u --set reuse_trajectories=30``.
@@ -36,6 +39,7 @@ import efface.methods  # noqa: F401  (registers the methods)
 from efface import load_pipeline
 from efface.benchmark.grid import request_for
 from efface.config import parse_assignments
+from efface.models.families import family_of
 from efface.sampling import GenerationConfig
 from efface.registry import METHODS
 from efface.toy import CLASSIFIER
@@ -46,16 +50,16 @@ from efface.toy.quality import concept_rates
 CONFIG = GenerationConfig(steps=25, guidance=7.5, batch_size=48)
 
 
-def _pipe():
-    pipe = load_pipeline("toy")
+def _pipe(model: str):
+    pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def child(method: str, concept: str, n: int, seed: int, sets: list[str]) -> None:
+def child(model: str, method: str, concept: str, n: int, seed: int, sets: list[str]) -> None:
     from efface.methods import erase
 
-    pipe = _pipe()
+    pipe = _pipe(model)
     request = request_for(method, [concept])  # the benchmark's request: preserve the axis, CA's named anchor
     options = parse_assignments(METHODS.get(method).Config, sets, owner=method)
     start = time.perf_counter()
@@ -74,7 +78,10 @@ def child(method: str, concept: str, n: int, seed: int, sets: list[str]) -> None
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS.names()))
+    parser.add_argument("--model", default="toy", choices=("toy", "toy-sd", "toy-flux"),
+                        help="the toy model (toy = toy-sd)")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: every method that supports "
+                                                        "the model's family)")
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--n", type=int, default=48, help="prompts per split")
     parser.add_argument("--seed", type=int, default=0)
@@ -83,9 +90,13 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.concept, args.n, args.seed, args.sets)
+        child(args.model, args.child, args.concept, args.n, args.seed, args.sets)
         return 0
-    base = concept_rates(_pipe(), ToyClassifier.load(CLASSIFIER), args.concept, n=args.n, seed=args.seed,
+    pipe = _pipe(args.model)
+    if args.methods is None:
+        family = family_of(pipe).name
+        args.methods = ",".join(m for m in METHODS.names() if family in METHODS.get(m).families)
+    base = concept_rates(pipe, ToyClassifier.load(CLASSIFIER), args.concept, n=args.n, seed=args.seed,
                          config=CONFIG)
     print(f"{'method':<14} {'train rate':>10} {'held-out':>9} {'others':>7} {'seconds':>8} {'peak MB':>8} "
           f"{'evals/it':>8}")
@@ -93,7 +104,7 @@ def main() -> int:
     ok = True
     for method in args.methods.split(","):
         sets = [f"--set={s}" for s in args.sets]
-        proc = subprocess.run([sys.executable, __file__, "--child", method, "--concept", args.concept,
+        proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--child", method, "--concept", args.concept,
                                "--n", str(args.n), "--seed", str(args.seed), *sets], capture_output=True, text=True)
         if proc.returncode:
             print(f"{method:<14} FAILED\n{proc.stderr[-2000:]}")

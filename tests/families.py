@@ -15,7 +15,6 @@ relative position buckets accept any length.
 
 from __future__ import annotations
 
-import string
 import tempfile
 
 import torch
@@ -31,7 +30,6 @@ PIPELINE_CLASSES = {
 IMAGE_SIZE = 32
 LATENT_SIZE = 16
 T5_MAX_LENGTH = 32
-T5_WORD_SCORE, T5_CHAR_SCORE = -5.0, -12.0  # a whole word always beats spelling it out
 
 
 def clip_tokenizer():
@@ -42,31 +40,13 @@ def clip_tokenizer():
         return write_tokenizer(tmp)
 
 
-def t5_pieces() -> list[tuple[str, float]]:
-    """Unigram pieces: specials (<pad> 0, </s> 1, <unk> 2), "▁", "▁word" for every toy word, and every
-    printable ASCII character both word-initial ("▁c") and inside a word ("c"), so nothing is unk."""
-    from efface.toy.world import vocabulary
-
-    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -3.0}
-    for word in vocabulary():
-        pieces.setdefault("▁" + word, T5_WORD_SCORE)
-    chars = string.ascii_letters + string.digits + string.punctuation
-    for c in chars:
-        pieces.setdefault("▁" + c, T5_CHAR_SCORE)
-    for c in chars:
-        pieces.setdefault(c, T5_CHAR_SCORE)
-    return list(pieces.items())
-
-
 def t5_tokenizer():
-    """A T5 unigram tokenizer (pad 0, eos 1, unk 2, no sentinels) over :func:`t5_pieces`, round-tripped
-    through ``save_pretrained`` so it is exactly what a pipeline directory loads back."""
-    from transformers import AutoTokenizer, T5Tokenizer
+    """The toy T5 unigram tokenizer (:func:`efface.toy.tokenizer.write_t5_tokenizer`) with
+    ``model_max_length`` = :data:`T5_MAX_LENGTH`, round-tripped through ``save_pretrained``."""
+    from efface.toy.tokenizer import write_t5_tokenizer
 
-    tok = T5Tokenizer(vocab=t5_pieces(), extra_ids=0, model_max_length=T5_MAX_LENGTH)
     with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        return AutoTokenizer.from_pretrained(tmp)
+        return write_t5_tokenizer(tmp, T5_MAX_LENGTH)
 
 
 def _clip_config(tokenizer, hidden: int, projection_dim: int | None = None, layers: int = 2):

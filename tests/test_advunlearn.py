@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from efface.errors import InputError
 from efface.methods import erase
-from efface.methods.advunlearn import AdvUnlearnConfig, adversarial_condition, prefix_attack, prefixed_prompt
+from efface.methods.advunlearn import AdvUnlearnConfig, prefix_attack
+from efface.models.slots import prefixed_condition, prefixed_prompt
 from efface.models.diffusion import predict
 from efface.models.params import select
 from efface.models.text import encode, token_embedding
@@ -42,8 +43,8 @@ def test_adversarial_condition_changes_only_the_k_slots(pipe):
     own = token_embedding(pipe.text_encoder).weight[ids[1:4]].detach()
     with torch.no_grad():
         plain = encode(pipe, [text]).embeds
-        same = adversarial_condition(pipe, text, [own]).embeds
-        moved = adversarial_condition(pipe, text, [own + 1.0]).embeds
+        same = prefixed_condition(pipe, text, [own]).embeds
+        moved = prefixed_condition(pipe, text, [own + 1.0]).embeds
     torch.testing.assert_close(same, plain, rtol=0, atol=0)
     assert torch.equal(moved[:, 0], plain[:, 0])  # the start token sees nothing after it (causal)
     assert not torch.allclose(moved[:, 1:], plain[:, 1:])
@@ -61,7 +62,7 @@ def test_prefix_attack_brings_the_concept_prediction_closer(pipe, signed):
 
     def attack_loss(adv):
         with torch.no_grad():
-            return float(F.mse_loss(predict(pipe, x_t, t, adversarial_condition(pipe, text, adv)), e_p))
+            return float(F.mse_loss(predict(pipe, x_t, t, prefixed_condition(pipe, text, adv)), e_p))
 
     adv, losses = prefix_attack(pipe, text, start, lambda: (x_t, t, e_p), 20, 0.05, signed)
     assert len(adv) == 1 and adv[0].shape == start[0].shape
@@ -147,15 +148,15 @@ def test_sdxl_attack_perturbs_both_text_encoders(family_pipe):
     width = pipe.text_encoder.config.hidden_size
     with torch.no_grad():
         plain = encode(pipe, [text])
-        same = adversarial_condition(pipe, text, own)
-        moved = adversarial_condition(pipe, text, [own[0], own[1] + 1.0])
+        same = prefixed_condition(pipe, text, own)
+        moved = prefixed_condition(pipe, text, [own[0], own[1] + 1.0])
     torch.testing.assert_close(same.embeds, plain.embeds, rtol=0, atol=0)
     torch.testing.assert_close(same.pooled, plain.pooled, rtol=0, atol=0)
     assert torch.equal(moved.embeds[..., :width], plain.embeds[..., :width])
     assert not torch.allclose(moved.embeds[..., width:], plain.embeds[..., width:])
     assert not torch.allclose(moved.pooled, plain.pooled)
     with pytest.raises(ValueError, match="2 text encoders"):
-        adversarial_condition(pipe, text, own[:1])
+        prefixed_condition(pipe, text, own[:1])
 
 
 @pytest.mark.parametrize("family,encoders", [("sd2-v", ("text_encoder",)), ("sdxl", ("text_encoder", "text_encoder_2"))])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import build_tiny_pipeline
 
 from efface.errors import InputError
-from efface.methods.advunlearn import AdvUnlearnConfig, adversarial_condition, prefix_attack, prefixed_prompt
+from efface.methods.advunlearn import AdvUnlearnConfig, prefix_attack
+from efface.models.slots import prefixed_condition, prefixed_prompt
 from efface.models.diffusion import predict
 from efface.models.text import encode, token_embedding
 
@@ -87,7 +88,7 @@ def test_accumulated_attack_still_lowers_its_objective(pipe, problem, monkeypatc
 
     def attack_loss(adv):
         with torch.no_grad():
-            return float(F.mse_loss(predict(pipe, x_t, t, adversarial_condition(pipe, text, adv)), e_p))
+            return float(F.mse_loss(predict(pipe, x_t, t, prefixed_condition(pipe, text, adv)), e_p))
 
     _, _, adv, _ = _run(pipe, problem, monkeypatch, False, accumulate=True)
     assert attack_loss(adv) < attack_loss(start)

@@ -108,6 +108,36 @@ def test_token_attacks_judge_the_text_they_found_and_improve_their_objective(nam
     assert end < start, f"{name}: objective {start:.6g} -> {end:.6g}"
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_unlearndiffatk_on_every_encoder_finds_words_of_every_tokenizer_and_improves(family):
+    """On SDXL / SD3 / Flux the k words are one token in each tokenizer (CLIP, a second CLIP, T5),
+    the text is judged as found (stable in every tokenizer), and the objective goes down."""
+    from efface.models.slots import slot_start, tokenizers
+
+    from test_attacks import _tiny
+
+    pipe = _tiny(family)
+    result = ATTACKS.get("unlearndiffatk")(**BUDGET["unlearndiffatk"]).run(
+        pipe, "circle", PROMPTS, original=pipe, seed=0, generation=GEN, progress=False)
+    for a, prompt in zip(result.adversarial, PROMPTS):
+        assert a.replay == "text" and a.meta["stable"]
+        words = a.prompt[: len(a.prompt) - len(prompt)].split()
+        assert len(words) == BUDGET["unlearndiffatk"]["tokens"]
+        for tok in tokenizers(pipe):
+            s = slot_start(tok)
+            assert tok(a.prompt).input_ids[s : s + len(words)] == [tok(w).input_ids[s] for w in words]
+    again = generate_many(pipe, [a.prompt for a in result.adversarial], GEN, seeds=result.seeds)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(result.images, again))
+    start = np.mean([a.meta["objective_start"] for a in result.adversarial])
+    end = np.mean([a.meta["objective"] for a in result.adversarial])
+    assert end < start, f"{family}: objective {start:.6g} -> {end:.6g}"
+    from efface.errors import InputError
+
+    with pytest.raises(InputError, match="replay='embedding'.*only on SD 1.x"):
+        ATTACKS.get("unlearndiffatk")(**BUDGET["unlearndiffatk"], replay="embedding").run(
+            pipe, "circle", PROMPTS, original=pipe, generation=GEN, progress=False)
+
+
 def test_p4d_selection_official_by_default_early_stop_as_an_option(attack_pipes):
     original, erased_pipe = attack_pipes
     full = _run("p4d-n", attack_pipes, iterations=3, eval_every=2)

@@ -66,13 +66,17 @@ def test_string_path_and_auto_device(tiny_sd_dir):
 
 
 def test_toy_uses_bundled_directory(tiny_sd_dir, monkeypatch):
-    monkeypatch.setattr("efface.toy.TOY_SD", tiny_sd_dir)
+    import efface.toy
+
+    monkeypatch.setitem(efface.toy.TOY_MODELS, "toy-sd", tiny_sd_dir)
     assert load_pipeline("toy").efface_source == str(tiny_sd_dir.resolve())
 
 
 def test_toy_missing_weights_says_how_to_train(tmp_path, monkeypatch):
-    monkeypatch.setattr("efface.toy.TOY_SD", tmp_path / "weights" / "toy-sd")
-    with pytest.raises(ModelLoadError, match="efface toy train"):
+    import efface.toy
+
+    monkeypatch.setitem(efface.toy.TOY_MODELS, "toy-sd", tmp_path / "weights" / "toy-sd")
+    with pytest.raises(ModelLoadError, match="efface toy train --model toy-sd"):
         load_pipeline("toy")
 
 

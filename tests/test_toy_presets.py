@@ -17,7 +17,7 @@ from efface.config import Preset
 from efface.errors import InputError
 from efface.methods import erase
 from efface.registry import ATTACKS, METHODS
-from efface.toy import TOY_SD
+from efface.toy import TOY_FLUX, TOY_SD
 from efface.toy.presets import (ATTACK_PRESETS, METHOD_PRESETS, attack_inputs, attack_preset, attack_setup,
                                 method_inputs, method_preset, method_setup, toy_model)
 
@@ -65,6 +65,23 @@ def test_toy_models_are_named_by_reference_or_by_their_loaded_weights(tiny_sd_di
         efface_source = str(TOY_SD.resolve())
 
     assert toy_model(Pipe()) == "toy-sd" and toy_model(object()) is None
+    assert toy_model("toy-flux") == "toy-flux"
+
+    class FluxPipe:
+        efface_source = str(TOY_FLUX.resolve())
+
+    assert toy_model(FluxPipe()) == "toy-flux" and method_preset("uce", "toy-flux").name == "toy"
+
+
+def test_loading_toy_flux_without_its_weights_says_how_to_make_them(monkeypatch, tmp_path):
+    import efface.toy
+
+    from efface.errors import ModelLoadError
+    from efface.models.loading import load_pipeline
+
+    monkeypatch.setitem(efface.toy.TOY_MODELS, "toy-flux", tmp_path / "toy-flux")
+    with pytest.raises(ModelLoadError, match="efface toy train --model toy-flux"):
+        load_pipeline("toy-flux")
 
 
 def test_setup_picks_toy_on_toy_models_and_refuses_it_elsewhere(tiny_sd_dir):

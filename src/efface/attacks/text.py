@@ -11,6 +11,7 @@ import torch
 
 from efface.attacks.base import Adversarial
 from efface.errors import InputError
+from efface.models.slots import slot_start
 
 REPLAYS = ("text", "embedding")
 
@@ -62,6 +63,31 @@ def whole_word_tokens(tokenizer) -> torch.Tensor:
         raise InputError("the tokenizer has no whole-word tokens that survive decode and re-encode; "
                          "use replay='embedding'")
     return torch.tensor(kept, dtype=torch.long)
+
+
+def shared_whole_words(tokenizers: list) -> list[torch.Tensor]:
+    """The words every tokenizer reads as one token: the first tokenizer's whole-word tokens
+    (:func:`whole_word_tokens`) whose text is a single token, not special and not unknown, in each
+    of the others (a second CLIP, T5). Returns each word's id in each tokenizer (one tensor per
+    tokenizer, the words in the same order: the first tokenizer's ascending ids). With one
+    tokenizer, ``[whole_word_tokens(tokenizer)]``."""
+    first = whole_word_tokens(tokenizers[0])
+    words = [decode_text(tokenizers[0], [int(i)]) for i in first]
+    keep = torch.ones(len(words), dtype=torch.bool)
+    columns = [first]
+    for tok in tokenizers[1:]:
+        start = slot_start(tok)
+        special = set(tok.all_special_ids)
+        column = []
+        for j, ids in enumerate(tok(words, truncation=False).input_ids):
+            body = ids[start:-1] if ids and ids[-1] == tok.eos_token_id else ids[start:]
+            ok = len(body) == 1 and body[0] not in special
+            keep[j] &= ok
+            column.append(body[0] if ok else -1)
+        columns.append(torch.tensor(column, dtype=torch.long))
+    if not keep.any():
+        raise InputError("no word is a single token in every tokenizer of this pipeline; use replay='embedding'")
+    return [c[keep] for c in columns]
 
 
 def concept_kind(concept: str) -> str | None:

@@ -24,6 +24,16 @@ re-tokenises to exactly the ids optimised, and its image (early stop included) i
 for that text. ``replay="embedding"``: the id-level variant over the whole vocabulary, whose image
 comes from the found ids' embedding (reported as ``unlearndiffatk/embedding``).
 
+Other families (SDXL, SD3, Flux; the official code is SD 1.x only): the prompt reaches the model
+through several text encoders (Flux: CLIP for the pooled embedding, T5 for the token sequence), so
+the k tokens are words that are one token in every tokenizer (the first tokenizer's whole-word
+tokens that each other tokenizer also reads as one: :func:`~efface.attacks.text.shared_whole_words`);
+one relaxed one-hot over those words selects the same word's row of every encoder's table, put
+into the k slots after each tokenizer's start token (T5 has none: :mod:`efface.models.slots`), and
+the conditioning is the pipeline's own encoding of it. The decoded text re-tokenises to the same
+words in every tokenizer, so text replay is exact there too; ``replay="embedding"`` (one CLIP
+encoder's states as the whole conditioning) is SD 1.x / 2.x only.
+
 Differences from the official code: the simplex projection is the exact sort-based one (the
 official code bisects to 1e-5: the same point up to that tolerance); the noise comes from the
 attack's seeded generator; the official vocabulary is every token (text replay: the whole-word
@@ -38,13 +48,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
-                                 clip_text, generate_adversarial, register_attack, target_latents)
-from efface.attacks.text import body_ids, check_replay, decode_text, replayed_text, whole_word_tokens
+from efface.attacks.base import (ALL_FAMILIES, Adversarial, Attack, AttackConfig, AttackContext, clip_states, clip_text,
+                                 generate_adversarial, register_attack, target_latents)
+from efface.attacks.text import body_ids, check_replay, decode_text, replayed_text, shared_whole_words
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
-from efface.models.families import Conditioning
-from efface.models.text import replaced_token_embeddings, token_embedding, tokenize
+from efface.models.families import Conditioning, family_of
+from efface.models.slots import check_prefix_fits, prefixed_condition, prefixed_prompt, token_tables, tokenizers
+from efface.models.text import encode, framed_ids
 
 
 @dataclass
@@ -87,37 +98,35 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
     paper = ("To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy To Generate Unsafe "
              "Images ... For Now (Zhang et al., ECCV 2024), arXiv 2310.11868")
     needs = frozenset({"erased_model", "target_images"})
-    family_notes = CLIP_ONLY_NOTES
+    families = ALL_FAMILIES
+    family_notes = {f: "every text encoder at once: the k tokens are words that are one token in each tokenizer, "
+                       "one relaxed one-hot over them selects the same word's row of every encoder's table "
+                       "(replay='text' only)" for f in ("sdxl", "sd3", "flux")}
 
     def _prepare(self, ctx: AttackContext) -> None:
-        (tok, te), k = clip_text(ctx.erased), self.config.tokens
+        pipe, k = ctx.erased, self.config.tokens
+        if self.config.replay == "embedding" and family_of(pipe).name != "sd":
+            raise InputError("unlearndiffatk: replay='embedding' (one CLIP encoder's states as the whole "
+                             "conditioning) exists only on SD 1.x / 2.x; use replay='text' on this model")
         for p in ctx.prompts:
-            n = len(tok(p, truncation=False).input_ids)  # start + prompt + end
-            if n + k > tok.model_max_length:
-                raise InputError(f"prompt {p!r} takes {n} tokens; with {k} adversarial tokens it exceeds the "
-                                 f"tokenizer's {tok.model_max_length}: shorten it or lower tokens")
-        ctx.state["x0"] = target_latents(ctx.erased, ctx.target_images).mean
-        vocab = token_embedding(te).weight.shape[0]
-        ctx.state["allowed"] = whole_word_tokens(tok) if self.config.replay == "text" else torch.arange(vocab)
+            check_prefix_fits(pipe, p, k, "tokens")
+        ctx.state["x0"] = target_latents(pipe, ctx.target_images).mean
+        if self.config.replay == "text":  # the same words in every tokenizer, by their id in each
+            ctx.state["allowed"] = shared_whole_words(tokenizers(pipe))
+        else:
+            ctx.state["allowed"] = [torch.arange(token_tables(pipe)[0].shape[0])]
 
-    def _ids(self, ctx: AttackContext, i: int, adv: torch.Tensor) -> torch.Tensor:
-        """``[start, adv..., prompt..., end, pad...]``, cut to the tokenizer's length."""
-        tok, _ = clip_text(ctx.erased)
-        prompt = tok(ctx.prompts[i], truncation=False).input_ids[1:]  # prompt + end
-        ids = [tok.bos_token_id, *adv.tolist(), *prompt]
-        ids += [tok.pad_token_id] * (tok.model_max_length - len(ids))
-        return torch.tensor([ids[: tok.model_max_length]])
-
-    def _loss(self, ctx: AttackContext, x0: torch.Tensor, t: int, g: torch.Generator, cond: torch.Tensor):
-        x_t, target = add_noise(ctx.erased, x0, t, g)  # target: the noise (epsilon) or the velocity (v)
-        return F.mse_loss(predict(ctx.erased, x_t, t, Conditioning(cond)).float(), target.float())
+    def _loss(self, ctx: AttackContext, x0: torch.Tensor, t: int, g: torch.Generator, cond: Conditioning):
+        x_t, target = add_noise(ctx.erased, x0, t, g)  # target: the noise, the velocity (v) or the flow velocity
+        return F.mse_loss(predict(ctx.erased, x_t, t, cond).float(), target.float())
 
     @torch.no_grad()
     def objective(self, ctx: AttackContext, i: int, tokens: torch.Tensor) -> float:
-        """The denoising error of the prompt with ``tokens`` prepended, as it is judged (text
-        replay: re-tokenised), at fixed noises (seeded by the prompt's seed), at most 10 of the timesteps."""
+        """The denoising error of the prompt with ``tokens`` (the first tokenizer's ids) prepended,
+        as it is judged (text replay: re-tokenised), at fixed noises (seeded by the prompt's seed),
+        at most 10 of the timesteps."""
         adv = self._adversarial(ctx, i, tokens, None, 0)
-        cond = adv.embedding if adv.embedding is not None else clip_states(ctx.erased, tokenize(ctx.erased, [adv.prompt]))
+        cond = Conditioning(adv.embedding) if adv.embedding is not None else encode(ctx.erased, [adv.prompt])
         g = torch.Generator("cpu").manual_seed(ctx.seeds[i])
         x0 = ctx.state["x0"][i : i + 1]
         ts = timesteps(min(self.config.n_timesteps, 10), num_train_timesteps(ctx.erased))
@@ -125,16 +134,13 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         cfg, pipe, g, k, allowed = self.config, ctx.erased, ctx.generator, self.config.tokens, ctx.state["allowed"]
-        _, te = clip_text(pipe)
-        table = token_embedding(te).weight.detach()
-        table = table[allowed.to(table.device)]  # the vocabulary searched (text replay: whole-word tokens)
-        vocab = table.shape[0]
-        u = torch.full((k, vocab), 1.0 / vocab, device=table.device, requires_grad=True)
+        tables = [t.detach()[a.to(t.device)] for t, a in zip(token_tables(pipe), allowed)]  # W x D_e each
+        vocab = tables[0].shape[0]
+        u = torch.full((k, vocab), 1.0 / vocab, device=tables[0].device, requires_grad=True)
         optimizer = torch.optim.Adam([u], lr=cfg.lr, weight_decay=cfg.weight_decay)
         x0 = ctx.state["x0"][i : i + 1]
-        placeholder = self._ids(ctx, i, torch.zeros(k, dtype=torch.long))
-        positions = list(range(1, k + 1))
-        best = allowed[u.detach().argmax(-1).cpu()]
+        text = prefixed_prompt(pipe, ctx.prompts[i], k)
+        best = allowed[0][u.detach().argmax(-1).cpu()]
         start = self.objective(ctx, i, best)
         loss_value, t = None, 0
         for t in timesteps(cfg.n_timesteps, num_train_timesteps(pipe)):
@@ -142,8 +148,7 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
                 sampled = torch.multinomial(u.detach().float().cpu(), 1, generator=g).squeeze(-1).to(u.device)
                 onehot = F.one_hot(sampled, vocab).to(u.dtype)
                 onehot = onehot + u - u.detach()  # straight-through: d onehot = d u
-                with replaced_token_embeddings(te, positions, onehot.to(table.dtype) @ table):
-                    cond = clip_states(pipe, placeholder)
+                cond = prefixed_condition(pipe, text, [onehot.to(tb.dtype) @ tb for tb in tables])
                 loss = self._loss(ctx, x0, t, g, cond)
                 optimizer.zero_grad()
                 loss.backward()
@@ -152,7 +157,7 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
                 with torch.no_grad():
                     u.copy_(project_simplex(u))
                 loss_value = float(loss.detach())
-            best = allowed[u.detach().argmax(-1).cpu()]
+            best = allowed[0][u.detach().argmax(-1).cpu()]
             if cfg.early_stop and ctx.judge is not None:
                 adv = self._adversarial(ctx, i, best, loss_value, t)
                 if ctx.judge(generate_adversarial(pipe, [adv], [ctx.seeds[i]], ctx.generation), ctx.concept)[0]:
@@ -162,13 +167,14 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
         return adv
 
     def _adversarial(self, ctx: AttackContext, i: int, tokens: torch.Tensor, loss: float | None, t: int) -> Adversarial:
-        """The prompt ``tokens`` + prompt: its text (text replay) or the ids' embedding."""
+        """The prompt ``tokens`` (the first tokenizer's ids) + prompt: its text (text replay) or the ids' embedding."""
         tok, _ = clip_text(ctx.erased)
         text = f"{decode_text(tok, tokens)} {ctx.prompts[i]}".strip()
         meta = {"tokens": tokens.tolist(), "last_timestep": t}
         if self.config.replay == "text":
             expected = [*tokens.tolist(), *body_ids(tok, ctx.prompts[i])]
             return replayed_text(tok, text, expected, loss, meta)
+        prompt = torch.tensor([body_ids(tok, ctx.prompts[i])], dtype=torch.long)
         with torch.no_grad():
-            embedding = clip_states(ctx.erased, self._ids(ctx, i, tokens))
+            embedding = clip_states(ctx.erased, framed_ids(tok, torch.cat([tokens[None].long(), prompt], 1)))
         return Adversarial(text, embedding, loss, meta)

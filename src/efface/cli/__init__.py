@@ -170,11 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("toy", help="the toy world and toy-sd").add_subparsers(dest="toy_command", required=True,
                                                                               metavar="TOY_COMMAND")
     toy.add_parser = lambda name, **kw: toy.__class__.add_parser(toy, name, parents=[common], **kw)
-    p = toy.add_parser("train", help="train toy-sd and the toy classifier (resumable)",
-                       description="Train toy-sd (tokenizer, text encoder, VAE, UNet) and the toy classifier. "
-                                   "Each stage is resumable: rerun the same command after an interruption.")
-    p.add_argument("--work", default="runs/toy-train", help="work directory for stages and checkpoints")
-    p.add_argument("--out", default="runs/toy-weights", help="output directory (toy-sd/ and classifier/)")
+    p = toy.add_parser("train", help="train toy-sd and the toy classifier, or toy-flux (resumable)",
+                       description="Train toy-sd (tokenizer, text encoder, VAE, UNet) and the toy classifier, or "
+                                   "with --model toy-flux, toy-flux (T5 tokenizer and encoder, transformer) on top "
+                                   "of a toy-sd's VAE and CLIP text encoder. Each stage is resumable: rerun the "
+                                   "same command after an interruption.")
+    p.add_argument("--model", choices=("toy-sd", "toy-flux"), default="toy-sd", help="which toy model to train")
+    p.add_argument("--base", help="toy-flux: the toy-sd pipeline directory whose VAE and CLIP text encoder it "
+                                  "shares (default: the bundled toy-sd)")
+    p.add_argument("--work", help="work directory for stages and checkpoints (default: runs/toy-train, "
+                                  "runs/toy-flux-train for toy-flux)")
+    p.add_argument("--out", default="runs/toy-weights", help="output directory (toy-sd/ and classifier/, or toy-flux/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     cfg.add_options(p, ToyRecipe, group="recipe")
     p.set_defaults(func=cmd_toy_train)

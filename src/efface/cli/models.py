@@ -114,6 +114,14 @@ def cmd_toy_train(args: argparse.Namespace) -> int:
     from efface.toy.train import train_toy
 
     recipe = cfg.from_args(ToyRecipe, args)
-    out = train_toy(recipe, args.work, args.out, overwrite=args.overwrite)
+    if args.model == "toy-flux":
+        from efface.toy.train_flux import train_toy_flux
+
+        out = train_toy_flux(recipe, args.work or "runs/toy-flux-train", args.out, base=args.base,
+                             overwrite=args.overwrite)
+    else:
+        if args.base:
+            raise InputError("--base is for --model toy-flux (toy-sd trains every component itself)")
+        out = train_toy(recipe, args.work or "runs/toy-train", args.out, overwrite=args.overwrite)
     print(out)
     return 0

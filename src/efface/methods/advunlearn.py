@@ -81,14 +81,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.esd import esd_target
 from efface.methods.prompts import draw_row, fill, filled
@@ -96,7 +94,8 @@ from efface.models.diffusion import (frozen_copy, initial_latents, predict, rand
                                      train_steps, trainable)
 from efface.models.families import Conditioning, family_of
 from efface.models.precision import master_dtype
-from efface.models.text import encode, replaced_token_embeddings, token_embedding
+from efface.models.slots import check_prefix_fits, prefixed_condition, prefixed_prompt, token_tables
+from efface.models.text import encode
 
 log = logging.getLogger(__name__)
 
@@ -142,58 +141,6 @@ class AdvUnlearnConfig(TrainingConfig):
         self.check_templates("templates", "retain_templates")
 
 
-PLACEHOLDERS = ("a", "x", "!")  # slot words tried in turn: one token each in every CLIP tokenizer
-
-
-def prefix_encoders(pipe) -> list[torch.nn.Module]:
-    """The text encoders whose token embeddings the attack replaces: every (CLIP) text encoder of
-    the pipeline, in the family's order (SD: one; SDXL: both)."""
-    return [getattr(pipe, n) for n in family_of(pipe).text_encoders if getattr(pipe, n, None) is not None]
-
-
-def _tokenizers(pipe) -> list:
-    return [getattr(pipe, n) for n in family_of(pipe).tokenizers if getattr(pipe, n, None) is not None]
-
-
-def _slots_at_start(tokenizer, text: str, prompt: str, k: int) -> bool:
-    ids, own = tokenizer(text, truncation=False).input_ids, tokenizer(prompt, truncation=False).input_ids
-    slot = ids[1] if len(ids) > 1 else None
-    return (len(ids) == len(own) + k and ids[0] == own[0] and ids[k + 1 :] == own[1:]
-            and all(i == slot for i in ids[1 : k + 1]) and slot not in (tokenizer.eos_token_id, tokenizer.bos_token_id))
-
-
-def prefixed_prompt(pipe, prompt: str, k: int) -> str:
-    """``prompt`` with ``k`` placeholder words before it: in every tokenizer of the pipeline, the
-    prompt's own tokens with ``k`` slots at positions ``1..k`` (right after the start token; the
-    official ``prefix_k``), which :func:`adversarial_condition` fills with the adversarial
-    embeddings. A slot is a single token that is neither the start nor the end token (CLIP pools
-    its output at the first end token)."""
-    for word in PLACEHOLDERS:
-        text = " ".join([word] * k + [prompt])
-        if all(_slots_at_start(tok, text, prompt, k) for tok in _tokenizers(pipe)):
-            return text
-    raise InputError(f"no placeholder word is a single token before {prompt!r} in every tokenizer of this pipeline")
-
-
-def token_tables(pipe) -> list[torch.Tensor]:
-    """The token embedding table of each of :func:`prefix_encoders`."""
-    return [token_embedding(te).weight for te in prefix_encoders(pipe)]
-
-
-def adversarial_condition(pipe, text: str, adv: Sequence[torch.Tensor]) -> Conditioning:
-    """The conditioning of ``text`` (from :func:`prefixed_prompt`) whose token embeddings at
-    positions ``1..k`` are ``adv`` (one ``k x D_i`` tensor per :func:`prefix_encoders` entry),
-    through the pipeline's own prompt encoding; differentiable in ``adv`` and in the encoders'
-    parameters where gradients are enabled. Every other position keeps its own token embedding."""
-    if len(adv) != len(prefix_encoders(pipe)):
-        raise ValueError(f"{len(adv)} adversarial embeddings for {len(prefix_encoders(pipe))} text encoders")
-    positions = list(range(1, adv[0].shape[0] + 1))
-    with ExitStack() as stack:
-        for te, embeds in zip(prefix_encoders(pipe), adv):
-            stack.enter_context(replaced_token_embeddings(te, positions, embeds))
-        return encode(pipe, [text], grad=torch.is_grad_enabled())
-
-
 def prefix_attack(pipe, text: str, adv: Sequence[torch.Tensor],
                   draw: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], steps: int, lr: float,
                   signed: bool = False, accumulate: bool = False) -> tuple[list[torch.Tensor], list[float]]:
@@ -212,7 +159,7 @@ def prefix_attack(pipe, text: str, adv: Sequence[torch.Tensor],
     running: list[torch.Tensor | None] = [None] * len(adv)  # accumulate: the official uncleared .grad
     for _ in range(steps):
         x_t, t, e_p = draw()
-        cond = adversarial_condition(pipe, text, adv)
+        cond = prefixed_condition(pipe, text, adv)
         loss = F.mse_loss(predict(pipe, x_t, t, cond).float(), e_p.float())
         grads = torch.autograd.grad(loss, adv)
         for j, (a, grad) in enumerate(zip(adv, grads)):
@@ -250,11 +197,7 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
         k = self.config.adv_prompt_num
         for c in request.concepts:
             for t in self.config.templates:
-                for tok in _tokenizers(pipe):
-                    n = len(tok(fill(t, c), truncation=False).input_ids)
-                    if n + k > tok.model_max_length:
-                        raise InputError(f"{fill(t, c)!r} takes {n} tokens; with {k} adversarial tokens it exceeds "
-                                         f"the tokenizer's {tok.model_max_length}: shorten it or lower adv_prompt_num")
+                check_prefix_fits(pipe, fill(t, c), k, "adv_prompt_num")
                 prefixed_prompt(pipe, fill(t, c), k)
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> None:
@@ -314,7 +257,7 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
                 both = Conditioning.cat([a, c]).repeat(n)  # n rows of a, then n of c
                 e_0, e_p = predict(pipe, torch.cat([x_t, x_t]), t, both, denoiser=frozen).chunk(2)
             if i >= cfg.warmup_iter:
-                seen = adversarial_condition(pipe, prefixed[row], state["adv"])
+                seen = prefixed_condition(pipe, prefixed[row], state["adv"])
             else:
                 seen = encode(pipe, [prompts[row]], grad=True)
             e_n = predict(pipe, x_t, t, seen)

@@ -2,7 +2,8 @@
 
 Accepted forms of ``model``:
 
-* ``"toy"`` (or ``"toy-sd"``) — the bundled toy-sd weights (:data:`efface.toy.TOY_SD`);
+* ``"toy"`` (or ``"toy-sd"``) — the bundled toy-sd weights (:data:`efface.toy.TOY_SD`); ``"toy-flux"``
+  the bundled toy-flux (:data:`efface.toy.TOY_FLUX`);
 * a local diffusers directory (it has ``model_index.json``): SD 1.x/2.x, SDXL, ...;
 * a single-file ``.safetensors`` checkpoint in the original Stable Diffusion (LDM) key format, with
   ``config=`` a local diffusers directory of the same architecture (offline, diffusers cannot fetch one);
@@ -40,7 +41,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 _DEVICE_RE = re.compile(r"^(cpu|mps|auto|cuda(:\d+)?)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
-ACCEPTED_FORMS = ("'toy' (the bundled toy-sd), a local diffusers directory (with model_index.json), "
+ACCEPTED_FORMS = ("'toy' (the bundled toy-sd), 'toy-flux', a local diffusers directory (with model_index.json), "
                   "a single-file .safetensors checkpoint (with config=DIR / --config DIR), "
                   "or a hub id like org/name that is already in the local Hugging Face cache")
 
@@ -127,13 +128,15 @@ def load_pipeline(model: str | os.PathLike, *, device: str = "cpu", dtype: str =
 
 def _load(model: str | os.PathLike, torch_dtype: torch.dtype, allow_pickle: bool,
           config: str | os.PathLike | None) -> tuple[DiffusionPipeline, str]:
-    if isinstance(model, str) and model in ("toy", "toy-sd"):
-        from efface.toy import TOY_SD
+    if isinstance(model, str) and model in ("toy", "toy-sd", "toy-flux"):
+        from efface.toy import ALIASES, TOY_MODELS
 
-        if not (TOY_SD / "model_index.json").is_file():
-            raise ModelLoadError(f"the bundled toy-sd weights are missing (expected at {TOY_SD}); "
-                                 "run `efface toy train` to create them")
-        return _from_directory(TOY_SD, torch_dtype), str(TOY_SD.resolve())
+        name = ALIASES.get(model, model)
+        weights = TOY_MODELS[name]
+        if not (weights / "model_index.json").is_file():
+            raise ModelLoadError(f"the bundled {name} weights are missing (expected at {weights}); "
+                                 f"run `efface toy train --model {name}` to create them")
+        return _from_directory(weights, torch_dtype), str(weights.resolve())
 
     path = Path(model).expanduser()
     if path.is_dir():

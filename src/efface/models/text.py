@@ -3,7 +3,8 @@
 :func:`encode` goes through the pipeline's family (its own ``encode_prompt``) and returns a
 :class:`~efface.models.families.Conditioning` (token states and, where the family has one, the
 pooled embedding). The token helpers below (``tokenize``, ``framed_ids``, ``token_embedding``,
-``replaced_token_embeddings``) work on the first (CLIP) tokenizer and text encoder.
+``replaced_token_embeddings``) work on the first (CLIP) tokenizer and text encoder (the last two
+on any of them); :mod:`efface.models.slots` puts token slots in every encoder at once.
 """
 
 from __future__ import annotations
@@ -51,8 +52,16 @@ def framed_ids(tokenizer, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def token_embedding(text_encoder) -> torch.nn.Embedding:
-    """The text encoder's token embedding table (CLIP, transformers 4.x and 5.x layouts)."""
-    return getattr(text_encoder, "text_model", text_encoder).embeddings.token_embedding
+    """The text encoder's token embedding table (CLIP, transformers 4.x and 5.x layouts; T5: the
+    encoder stack's ``embed_tokens``, the module its forward reads, which need not be the tied
+    ``shared`` that ``get_input_embeddings`` returns)."""
+    clip = getattr(text_encoder, "text_model", text_encoder)
+    if hasattr(clip, "embeddings"):
+        return clip.embeddings.token_embedding
+    stack = getattr(text_encoder, "encoder", None)
+    if stack is not None and getattr(stack, "embed_tokens", None) is not None:
+        return stack.embed_tokens
+    return text_encoder.get_input_embeddings()
 
 
 @contextmanager

@@ -5,7 +5,7 @@ makes a run fit toy-sd is handed to them from here, by the command line, the ben
 robustness measures and the bench scripts, all through :func:`method_setup` / :func:`attack_setup`:
 
 * a :class:`~efface.config.Preset` per method / attack, from one table per toy model
-  (:data:`METHOD_PRESETS`, :data:`ATTACK_PRESETS`; today only ``"toy-sd"``). Its name is ``"toy"``,
+  (:data:`METHOD_PRESETS`, :data:`ATTACK_PRESETS`: ``"toy-sd"`` and ``"toy-flux"``). Its name is ``"toy"``,
   which manifests, attack results and bench cells record. A method or attack without an entry
   gets an empty preset: the paper's defaults;
 * the injected inputs (:func:`method_inputs`, :func:`attack_inputs`): MACE's ``image_source``
@@ -28,7 +28,7 @@ from typing import Any
 
 from efface.config import Preset
 from efface.errors import InputError
-from efface.toy import TOY_SD, is_toy
+from efface.toy import ALIASES, TOY_MODELS, toy_name
 from efface.toy.sources import ShapeImages, toy_synonyms
 from efface.toy.world import TOY_CONTEXTS
 
@@ -162,23 +162,31 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {"toy-sd": {
 }}
 
 
+# toy-flux: provisional, toy-sd's tables (CPU-sized budgets) until each is measured on toy-flux
+# with bench/erasure_smoke.py --model toy-flux (issue 15); an entry that must differ replaces its row.
+METHOD_PRESETS["toy-flux"] = dict(METHOD_PRESETS["toy-sd"])
+ATTACK_PRESETS["toy-flux"] = dict(ATTACK_PRESETS["toy-sd"])
+
 def toy_model(model) -> str | None:
-    """The toy model ``model`` is (``"toy-sd"``), or None: ``model`` is a ``--model`` value
-    (``"toy"``, ``"toy-sd"``, the bundled weights' directory) or a pipeline (loaded from the
-    bundled weights: :func:`efface.toy.is_toy`)."""
+    """The toy model ``model`` is (``"toy-sd"`` or ``"toy-flux"``), or None: ``model`` is a ``--model``
+    value (``"toy"``, a toy model's name, a bundled weights directory) or a pipeline (loaded from the
+    bundled weights: :func:`efface.toy.toy_name`)."""
     if isinstance(model, (str, os.PathLike)):
-        if str(model) in ("toy", "toy-sd"):
-            return "toy-sd"
+        name = ALIASES.get(str(model), str(model))
+        if name in TOY_MODELS:
+            return name
         path = Path(model).expanduser()
-        return "toy-sd" if path.is_dir() and path.resolve() == TOY_SD.resolve() else None
-    return "toy-sd" if is_toy(model) else None
+        if not path.is_dir():
+            return None
+        return next((n for n, weights in TOY_MODELS.items() if path.resolve() == weights.resolve()), None)
+    return toy_name(model)
 
 
 def _table(model) -> str:
     toy = toy_model(model)
     if toy is None:
-        raise InputError(f"the 'toy' presets are for toy-sd (--model toy); {_describe(model)} is not a toy model: "
-                         "use the paper's preset there ('paper', the default)")
+        raise InputError(f"the 'toy' presets are for toy-sd and toy-flux (--model toy, --model toy-flux); "
+                         f"{_describe(model)} is not a toy model: use the paper's preset there ('paper', the default)")
     return toy
 
 

@@ -10,6 +10,9 @@ and the punctuation after it, so ``decode(encode(caption)) == caption`` for the 
 the decoded text re-tokenises to the same ids. transformers' ``CLIPTokenizer`` builds its own
 decoder on load and mends it with a decode wrapper (lost when the tokenizer is deep-copied); the
 ``tokenizers`` library and other readers of the file use this one.
+
+:func:`write_t5_tokenizer` writes toy-flux's second tokenizer: a T5 unigram model whose pieces are
+every toy word (one piece each) and every printable character, so nothing is unknown.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from efface.toy.world import vocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 24
+T5_MAX_LENGTH = 24  # toy-flux's T5 sequence; efface's Flux family pads to the tokenizer's length
+T5_WORD_SCORE, T5_CHAR_SCORE = -5.0, -12.0  # a whole word always beats spelling it out
 CHARS = string.ascii_lowercase + string.digits + "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 
 
@@ -84,3 +89,28 @@ def write_tokenizer(directory: str | Path) -> CLIPTokenizer:
     tok.backend_tokenizer.decoder = decoder()
     tok.save_pretrained(directory)
     return CLIPTokenizer.from_pretrained(directory)
+
+
+def t5_pieces() -> list[tuple[str, float]]:
+    """Unigram pieces: specials (<pad> 0, </s> 1, <unk> 2), "▁", "▁word" for every toy word, and
+    every printable ASCII character both word-initial ("▁c") and inside a word ("c")."""
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -3.0}
+    for word in vocabulary():
+        pieces.setdefault("▁" + word, T5_WORD_SCORE)
+    chars = string.ascii_letters + string.digits + string.punctuation
+    for c in chars:
+        pieces.setdefault("▁" + c, T5_CHAR_SCORE)
+    for c in chars:
+        pieces.setdefault(c, T5_CHAR_SCORE)
+    return list(pieces.items())
+
+
+def write_t5_tokenizer(directory: str | Path, max_length: int = T5_MAX_LENGTH):
+    """Write the toy T5 tokenizer (pad 0, eos 1, unk 2, no sentinels) into ``directory`` and load it
+    back through transformers' ``AutoTokenizer``, exactly as a pipeline directory loads it."""
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    T5Tokenizer(vocab=t5_pieces(), extra_ids=0, model_max_length=max_length).save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)

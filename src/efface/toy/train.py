@@ -56,6 +56,15 @@ def _data(recipe: ToyRecipe, work: Path) -> dict[str, np.ndarray]:
         return dict(f)
 
 
+def _latents(work: Path, name: str, autoencoder: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
+    """Stage ``name``: the scaled VAE latents of ``images``, encoded once and loaded back."""
+    def make(tmp: Path) -> None:
+        torch.save(vae.encode(autoencoder, images) * autoencoder.config.scaling_factor, tmp / "latents.pt")
+
+    _stage(work, name, make)
+    return torch.load(work / name / "latents.pt", weights_only=True)
+
+
 def train_toy(recipe: ToyRecipe, work: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Train toy-sd and its classifier; writes ``out/toy-sd`` (a diffusers pipeline) and ``out/classifier``."""
     work, out = Path(work), Path(out)
@@ -113,12 +122,7 @@ def train_toy(recipe: ToyRecipe, work: str | Path, out: str | Path, *, overwrite
 
     _stage(work, "classifier", classifier_stage)
 
-    def latents_stage(tmp: Path) -> None:
-        z = vae.encode(autoencoder, data["train_images"]) * autoencoder.config.scaling_factor
-        torch.save(z, tmp / "latents.pt")
-
-    _stage(work, "latents", latents_stage)
-    latents = torch.load(work / "latents" / "latents.pt", weights_only=True)
+    latents = _latents(work, "latents", autoencoder, data["train_images"])
 
     def unet_stage(tmp: Path) -> None:
         torch.manual_seed(recipe.seed)
