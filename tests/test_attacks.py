@@ -211,7 +211,7 @@ def test_mma_diffusion_never_uses_a_banned_token(attack_pipes):
 
 
 TEXT_ONLY = ("no-attack", "riatig", "synonyms")  # change the prompt's text only; every family
-EVERY_ENCODER = ("unlearndiffatk",)  # token attacks over every text encoder at once (efface.models.slots); every family
+EVERY_ENCODER = ("unlearndiffatk", "p4d-n", "p4d-k")  # token attacks over every text encoder at once (efface.models.slots); every family
 
 
 def _tiny(family):
@@ -234,8 +234,8 @@ def test_token_attacks_refuse_other_families_before_any_work_saying_why(attack_p
         with pytest.raises(InputError, match=f"{name} supports sd models, not sdxl: .*CLIP"):
             cls(**TINY[name]).run(sdxl, "circle", PROMPTS, original=sdxl, generation=GEN, progress=False)
     with pytest.raises(InputError, match=r"not sdxl \(the original model\)"):  # the original is checked too
-        ATTACKS.get("p4d-n")(**TINY["p4d-n"]).run(original, "circle", PROMPTS, original=sdxl, generation=GEN,
-                                                  progress=False)
+        ATTACKS.get("pund")(**TINY["pund"]).run(original, "circle", PROMPTS, original=sdxl, generation=GEN,
+                                                progress=False)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])

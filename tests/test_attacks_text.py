@@ -18,6 +18,7 @@ from efface.attacks.base import AttackResult
 from efface.attacks.text import body_ids, decode_text, whole_word_tokens
 from efface.cli import main
 from efface.models.loading import load_pipeline
+from efface.models.slots import slot_start, tokenizers
 from efface.registry import ATTACKS
 from efface.robustness import attack_success
 from efface.sampling import GenerationConfig, generate_many
@@ -108,34 +109,32 @@ def test_token_attacks_judge_the_text_they_found_and_improve_their_objective(nam
     assert end < start, f"{name}: objective {start:.6g} -> {end:.6g}"
 
 
+@pytest.mark.parametrize("name", ["unlearndiffatk", "p4d-n", "p4d-k"])
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
-def test_unlearndiffatk_on_every_encoder_finds_words_of_every_tokenizer_and_improves(family):
-    """On SDXL / SD3 / Flux the k words are one token in each tokenizer (CLIP, a second CLIP, T5),
-    the text is judged as found (stable in every tokenizer), and the objective goes down."""
-    from efface.models.slots import slot_start, tokenizers
+def test_token_attacks_on_every_encoder_find_words_of_every_tokenizer_and_improve(name, family):
+    """On SDXL / SD3 / Flux the free tokens are words that are one token in each tokenizer (CLIP, a
+    second CLIP, T5), the text is judged as found (stable), and the objective goes down."""
+    from efface.errors import InputError
 
     from test_attacks import _tiny
 
     pipe = _tiny(family)
-    result = ATTACKS.get("unlearndiffatk")(**BUDGET["unlearndiffatk"]).run(
-        pipe, "circle", PROMPTS, original=pipe, seed=0, generation=GEN, progress=False)
-    for a, prompt in zip(result.adversarial, PROMPTS):
+    result = ATTACKS.get(name)(**BUDGET[name]).run(pipe, "circle", PROMPTS, original=pipe, seed=0, generation=GEN,
+                                                   progress=False, features=pixel_features)
+    for a in result.adversarial:
         assert a.replay == "text" and a.meta["stable"]
-        words = a.prompt[: len(a.prompt) - len(prompt)].split()
-        assert len(words) == BUDGET["unlearndiffatk"]["tokens"]
-        for tok in tokenizers(pipe):
-            s = slot_start(tok)
-            assert tok(a.prompt).input_ids[s : s + len(words)] == [tok(w).input_ids[s] for w in words]
+        words = [decode_text(pipe.tokenizer, [t]) for t in a.meta["tokens"]]
+        for tok in tokenizers(pipe):  # every found word is one token of every tokenizer
+            assert all(len(tok(w).input_ids) == 1 + slot_start(tok) + 1 for w in words), (tok, words)
     again = generate_many(pipe, [a.prompt for a in result.adversarial], GEN, seeds=result.seeds)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(result.images, again))
     start = np.mean([a.meta["objective_start"] for a in result.adversarial])
     end = np.mean([a.meta["objective"] for a in result.adversarial])
-    assert end < start, f"{family}: objective {start:.6g} -> {end:.6g}"
-    from efface.errors import InputError
-
+    assert end < start, f"{name} on {family}: objective {start:.6g} -> {end:.6g}"
     with pytest.raises(InputError, match="replay='embedding'.*only on SD 1.x"):
-        ATTACKS.get("unlearndiffatk")(**BUDGET["unlearndiffatk"], replay="embedding").run(
-            pipe, "circle", PROMPTS, original=pipe, generation=GEN, progress=False)
+        ATTACKS.get(name)(**BUDGET[name], replay="embedding").run(pipe, "circle", PROMPTS, original=pipe,
+                                                                  generation=GEN, progress=False,
+                                                                  features=pixel_features)
 
 
 def test_p4d_selection_official_by_default_early_stop_as_an_option(attack_pipes):

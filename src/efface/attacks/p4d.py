@@ -27,6 +27,14 @@ start, so the decoded prompt re-tokenises to exactly the ids optimised. ``replay
 the id-level variant (every token, the official positions, images from the ids' embedding;
 reported as ``p4d-n/embedding``).
 
+Other families (SDXL, SD3, Flux; the official code is SD 1.x only): the free tokens are words that
+are one token in every tokenizer (:func:`~efface.attacks.text.shared_whole_words`), each slot has
+one soft embedding per text encoder (the rows of the same start word), all optimised together, and
+the projection picks the word whose rows are nearest in all encoders together (cosine summed over
+them: :func:`nearest_words`; one encoder: the official nearest token). The conditioning is the
+pipeline's own encoding of the layout's text with the slots' embeddings replaced in every encoder
+(:mod:`efface.models.slots`, found by their characters); ``replay="embedding"`` is SD 1.x / 2.x only.
+
 Defaults are the official nudity configs (github.com/joycenerd/P4D, ``configs/*_nudity_optmz_
 config.json``): N 16, every_k 3, 3000 iterations, AdamW lr 0.1, weight decay 0.1, an evaluation
 every 50 steps. The target image is the original model's image of the prompt and its seed (the
@@ -45,13 +53,14 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
-                                 clip_text, generate_adversarial, register_attack, target_latents)
-from efface.attacks.text import check_replay, decode_text, replayed_text, whole_word_tokens
+from efface.attacks.base import (ALL_FAMILIES, Adversarial, Attack, AttackConfig, AttackContext, clip_states, clip_text,
+                                 generate_adversarial, register_attack, target_latents)
+from efface.attacks.text import check_replay, decode_text, replayed_text, shared_whole_words
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
-from efface.models.families import Conditioning
-from efface.models.text import encode, replaced_token_embeddings, token_embedding, tokenize
+from efface.models.families import Conditioning, family_of
+from efface.models.slots import condition_at, slot_positions, token_tables, tokenizers
+from efface.models.text import encode, replaced_token_embeddings
 
 SELECTIONS = ("similarity", "judge")
 
@@ -84,6 +93,13 @@ def nearest_tokens(embeds: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return (F.normalize(embeds, dim=-1) @ F.normalize(table, dim=-1).T).argmax(-1)
 
 
+def nearest_words(embeds: list[torch.Tensor], tables: list[torch.Tensor]) -> torch.Tensor:
+    """Per slot, the word (row of every encoder's ``tables``) with the highest cosine similarity
+    summed over the encoders (one encoder: :func:`nearest_tokens`)."""
+    scores = sum(F.normalize(e, dim=-1) @ F.normalize(t, dim=-1).T for e, t in zip(embeds, tables))
+    return scores.argmax(-1)
+
+
 class P4D(Attack[P4DConfig]):
     """Soft prompt projected to tokens, matching the original model's noise for the unsafe prompt."""
 
@@ -91,7 +107,10 @@ class P4D(Attack[P4DConfig]):
     paper = ("Prompting4Debugging: Red-Teaming Text-to-Image Diffusion Models by Finding Problematic Prompts "
              "(Chin et al., ICML 2024), arXiv 2309.06135")
     needs = frozenset({"erased_model", "original_model", "target_images"})
-    family_notes = CLIP_ONLY_NOTES
+    families = ALL_FAMILIES
+    family_notes = {f: "every text encoder at once: the free tokens are words that are one token in each tokenizer, "
+                       "one soft embedding per encoder and slot, projected together onto the word nearest in all "
+                       "of them (summed cosine); replay='text' only" for f in ("sdxl", "sd3", "flux")}
     insert: ClassVar[bool] = False  # p4d-k: free tokens inserted into the prompt
 
     def uses_features(self) -> bool:
@@ -127,21 +146,25 @@ class P4D(Attack[P4DConfig]):
         return ids + [tok.pad_token_id] * (tok.model_max_length - len(ids)), free
 
     def _prepare(self, ctx: AttackContext) -> None:
+        if self.config.replay == "embedding" and family_of(ctx.erased).name != "sd":
+            raise InputError(f"{self.name}: replay='embedding' (one CLIP encoder's states as the whole conditioning) "
+                             "exists only on SD 1.x / 2.x; use replay='text' on this model")
         for i in range(len(ctx.prompts)):
             self._layout(ctx, i)  # every prompt fits before any work
         ctx.state["x0"] = target_latents(ctx.erased, ctx.target_images).mean
-        tok, te = clip_text(ctx.erased)
-        vocab = token_embedding(te).weight.shape[0]
-        ctx.state["allowed"] = whole_word_tokens(tok) if self.config.replay == "text" else torch.arange(vocab)
+        if self.config.replay == "text":  # the same words in every tokenizer, by their id in each
+            ctx.state["allowed"] = shared_whole_words(tokenizers(ctx.erased))
+        else:
+            ctx.state["allowed"] = [torch.arange(token_tables(ctx.erased)[0].shape[0])]
         if self.config.selection == "similarity":
             with torch.no_grad():
                 ctx.state["target_features"] = F.normalize(ctx.features(ctx.target_images).float(), dim=-1)
 
-    def _cond(self, ctx: AttackContext, i: int, adv: Adversarial) -> torch.Tensor:
+    def _cond(self, ctx: AttackContext, i: int, adv: Adversarial) -> Conditioning:
         """The erased model's conditioning of ``adv`` as it is judged (text: re-tokenised)."""
         if adv.embedding is not None:
-            return adv.embedding
-        return clip_states(ctx.erased, tokenize(ctx.erased, [adv.prompt]))
+            return Conditioning(adv.embedding)
+        return encode(ctx.erased, [adv.prompt])
 
     @torch.no_grad()
     def objective(self, ctx: AttackContext, i: int, tokens: torch.Tensor, unsafe) -> float:
@@ -152,38 +175,36 @@ class P4D(Attack[P4DConfig]):
         for t in (num_train_timesteps(ctx.erased) * q // 8 for q in (1, 3, 5, 7)):
             x_t, _ = add_noise(ctx.erased, x0, t, g)
             wanted = predict(ctx.original, x_t, t, unsafe)
-            total += float(F.mse_loss(predict(ctx.erased, x_t, t, Conditioning(cond)).float(), wanted.float()))
+            total += float(F.mse_loss(predict(ctx.erased, x_t, t, cond).float(), wanted.float()))
             steps += 1
         return total / steps
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         cfg, pipe, g, allowed = self.config, ctx.erased, ctx.generator, ctx.state["allowed"]
-        _, te = clip_text(pipe)
-        table = token_embedding(te).weight.detach()
-        table = table[allowed.to(table.device)].float()  # the projection's vocabulary (text: whole-word tokens)
+        # the projection's vocabulary in every encoder's table (text: the shared whole words)
+        tables = [t.detach()[a.to(t.device)].float() for t, a in zip(token_tables(pipe), allowed)]
         ids, free = self._layout(ctx, i)
-        ids_t = torch.tensor([ids])
-        start = torch.randint(table.shape[0], (len(free),), generator=g).to(table.device)
-        soft = table[start].clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([soft], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        start = torch.randint(tables[0].shape[0], (len(free),), generator=g).to(tables[0].device)
+        soft = [t[start].clone().requires_grad_(True) for t in tables]
+        optimizer = torch.optim.AdamW(soft, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = num_train_timesteps(pipe)
         x0 = ctx.state["x0"][i : i + 1]
         with torch.no_grad():
             unsafe = encode(ctx.original, [ctx.prompts[i]])
-        first = allowed[start.cpu()]
+        first = allowed[0][start.cpu()]
         objective_start = self.objective(ctx, i, first, unsafe)
+        forward = self._forward(ctx, i, first, ids, free)
         kept, kept_score, loss_value, step = first, float("-inf"), None, 0
         for step in range(cfg.iterations):
-            projected = nearest_tokens(soft.detach(), table)
-            tokens = allowed[projected.cpu()]
+            projected = nearest_words([e.detach() for e in soft], tables)
+            tokens = allowed[0][projected.cpu()]
             t = int(torch.randint(steps, (), generator=g))
             x_t, _ = add_noise(pipe, x0, t, g)  # the target is the original model's own prediction
             with torch.no_grad():
                 wanted = predict(ctx.original, x_t, t, unsafe)
-            hard = table[projected] + soft - soft.detach()  # PEZ: the projected tokens' gradient moves soft
-            with replaced_token_embeddings(te, free, hard):
-                cond = clip_states(pipe, ids_t)
-            loss = F.mse_loss(predict(pipe, x_t, t, Conditioning(cond)).float(), wanted.float())
+            # PEZ: the projected tokens' gradient moves the soft embeddings
+            cond = forward([t[projected] + e - e.detach() for t, e in zip(tables, soft)])
+            loss = F.mse_loss(predict(pipe, x_t, t, cond).float(), wanted.float())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -194,13 +215,37 @@ class P4D(Attack[P4DConfig]):
                     kept, kept_score = tokens, score
                 if cfg.selection == "judge" and score == 1.0:
                     break
-        last = allowed[nearest_tokens(soft.detach(), table).cpu()]
+        last = allowed[0][nearest_words([e.detach() for e in soft], tables).cpu()]
         if cfg.selection == "judge" and kept_score < 1.0:
             kept = last  # no success: the last projection, as before
         adv = self._adversarial(ctx, i, kept, loss_value, step)
         adv.meta |= {"objective_start": objective_start, "objective": self.objective(ctx, i, last, unsafe),
                      "selection": cfg.selection, "score": kept_score if kept_score > float("-inf") else None}
         return adv
+
+    def _forward(self, ctx: AttackContext, i: int, first: torch.Tensor, ids: list[int], free: list[int]):
+        """``embeds -> Conditioning`` with the free slots' embeddings replaced: text replay, the text of
+        the layout (free slots: the start words, one token in every tokenizer) through the pipeline's
+        own encoding, the slots found in every tokenizer; embedding replay (SD), the layout's ids."""
+        if self.config.replay == "text":
+            text = self._adversarial(ctx, i, first, None, 0).prompt
+            tok, _ = clip_text(ctx.erased)
+            filled = list(ids)
+            for j, t in zip(free, first.tolist()):
+                filled[j] = t
+            own = tok(text, truncation=False).input_ids
+            if own != filled[: len(own)] or any(t != tok.pad_token_id for t in filled[len(own):]):
+                raise InputError(f"{self.name}: the layout of {ctx.prompts[i]!r} does not re-tokenise to its own ids; "
+                                 "use replay='embedding' (SD 1.x / 2.x)")
+            positions = slot_positions(ctx.erased, text, free)
+            return lambda embeds: condition_at(ctx.erased, text, positions, embeds)
+        _, te = clip_text(ctx.erased)
+
+        def by_ids(embeds: list[torch.Tensor]) -> Conditioning:
+            with replaced_token_embeddings(te, free, embeds[0]):
+                return Conditioning(clip_states(ctx.erased, torch.tensor([ids])))
+
+        return by_ids
 
     def _evaluate(self, ctx: AttackContext, i: int, tokens: torch.Tensor, loss: float, step: int) -> float | None:
         """The image of the decoded prompt, scored: its cosine similarity to the target image's

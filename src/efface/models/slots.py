@@ -82,11 +82,38 @@ def prefixed_condition(pipe, text: str, adv: Sequence[torch.Tensor]) -> Conditio
     ``adv`` (one ``k x D_i`` tensor per :func:`text_encoders` entry), through the pipeline's own
     prompt encoding; differentiable in ``adv`` and in the encoders' parameters where gradients are
     enabled. Every other position keeps its own token embedding."""
-    encoders, toks = text_encoders(pipe), tokenizers(pipe)
+    k = adv[0].shape[0] if len(adv) else 0
+    return condition_at(pipe, text, [list(range(slot_start(t), slot_start(t) + k)) for t in tokenizers(pipe)], adv)
+
+
+def slot_positions(pipe, text: str, positions: Sequence[int]) -> list[list[int]]:
+    """Where the tokens at ``positions`` of the first tokenizer's encoding of ``text`` are in every
+    tokenizer's encoding of it (first: ``positions`` themselves): each must be a whole word that
+    every tokenizer reads as one token (found by its characters, the tokenizers' offset mappings)."""
+    toks = tokenizers(pipe)
+    spans = [tuple(toks[0](text, truncation=False, return_offsets_mapping=True).offset_mapping[j]) for j in positions]
+    out = [list(positions)]
+    for tok in toks[1:]:
+        offsets = [tuple(o) for o in tok(text, truncation=False, return_offsets_mapping=True).offset_mapping]
+        where = []
+        for span in spans:
+            hits = [j for j, o in enumerate(offsets) if o == span]
+            if len(hits) != 1:
+                raise InputError(f"the slot {text[span[0]:span[1]]!r} of {text!r} is not one token in every tokenizer "
+                                 "of this pipeline")
+            where.append(hits[0])
+        out.append(where)
+    return out
+
+
+def condition_at(pipe, text: str, positions: Sequence[Sequence[int]], adv: Sequence[torch.Tensor]) -> Conditioning:
+    """The conditioning of ``text`` with the token embeddings at ``positions[i]`` of encoder ``i``
+    (:func:`slot_positions`) replaced by ``adv[i]`` (``len(positions[i]) x D_i``), through the
+    pipeline's own prompt encoding; differentiable as :func:`prefixed_condition`."""
+    encoders = text_encoders(pipe)
     if len(adv) != len(encoders):
         raise ValueError(f"{len(adv)} adversarial embeddings for {len(encoders)} text encoders")
     with ExitStack() as stack:
-        for te, tok, embeds in zip(encoders, toks, adv):
-            s = slot_start(tok)
-            stack.enter_context(replaced_token_embeddings(te, list(range(s, s + embeds.shape[0])), embeds))
+        for te, where, embeds in zip(encoders, positions, adv):
+            stack.enter_context(replaced_token_embeddings(te, list(where), embeds))
         return encode(pipe, [text], grad=torch.is_grad_enabled())
