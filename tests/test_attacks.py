@@ -211,7 +211,7 @@ def test_mma_diffusion_never_uses_a_banned_token(attack_pipes):
 
 
 TEXT_ONLY = ("no-attack", "riatig", "synonyms")  # change the prompt's text only; every family
-EVERY_ENCODER = ("unlearndiffatk", "p4d-n", "p4d-k")  # token attacks over every text encoder at once (efface.models.slots); every family
+EVERY_ENCODER = ("unlearndiffatk", "p4d-n", "p4d-k", "ring-a-bell")  # token attacks over every text encoder at once (efface.models.slots); every family
 
 
 def _tiny(family):

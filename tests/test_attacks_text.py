@@ -109,7 +109,7 @@ def test_token_attacks_judge_the_text_they_found_and_improve_their_objective(nam
     assert end < start, f"{name}: objective {start:.6g} -> {end:.6g}"
 
 
-@pytest.mark.parametrize("name", ["unlearndiffatk", "p4d-n", "p4d-k"])
+@pytest.mark.parametrize("name", ["unlearndiffatk", "p4d-n", "p4d-k", "ring-a-bell"])
 @pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_token_attacks_on_every_encoder_find_words_of_every_tokenizer_and_improve(name, family):
     """On SDXL / SD3 / Flux the free tokens are words that are one token in each tokenizer (CLIP, a

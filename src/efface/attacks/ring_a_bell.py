@@ -22,6 +22,14 @@ searched, and its image is the erased pipeline's for that text. ``replay="embedd
 id-level variant over every token, the image from the found ids' embedding on the erased model
 (reported as ``ring-a-bell/embedding``).
 
+Other families (SDXL, SD3, Flux; the official code is SD 1.x only): ``f`` is everything the
+denoiser reads of the text, through the pipeline's own encoding: the token states of every
+encoder (SDXL: both CLIPs' concatenated; SD3: CLIP and T5 along the sequence; Flux: T5) and the
+pooled embedding, each with its own concept vector, the fitness summing the squared distances of
+both; the K tokens are words that are one token in every tokenizer
+(:func:`~efface.attacks.text.shared_whole_words`), so the decoded prompt reads the same everywhere.
+``replay="embedding"`` is SD 1.x / 2.x only.
+
 Defaults are the official notebook's (github.com/chiayi-hsu/Ring-A-Bell): K 16, eta 3, population
 200, 3000 generations, the best 100 kept, crossover 0.5, mutation 0.25. Prompt pairs: yours
 (``concept_prompts`` / ``contrast_prompts``), else for a nudity- or violence-like concept efface's
@@ -41,10 +49,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from efface.attacks.base import (CLIP_ONLY_NOTES, Adversarial, Attack, AttackConfig, AttackContext, clip_states,
-                                 clip_text, register_attack)
-from efface.attacks.text import check_replay, concept_kind, decode_text, replayed_text, whole_word_tokens
+from efface.attacks.base import (ALL_FAMILIES, Adversarial, Attack, AttackConfig, AttackContext, clip_states, clip_text,
+                                 register_attack)
+from efface.attacks.text import check_replay, concept_kind, decode_text, replayed_text, shared_whole_words
 from efface.errors import InputError
+from efface.models.families import family_of
+from efface.models.slots import tokenizers
 from efface.models.text import encode, fill, framed_ids
 
 PAIR_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}")
@@ -213,16 +223,31 @@ class RingABellConfig(AttackConfig):
         return [fill(t, concept) for t in self.templates], [fill(t, "") for t in self.templates]
 
 
-def concept_vector(pipe, with_concept: list[str], without: list[str]) -> torch.Tensor:
-    """``mean_i f(with_i) - f(without_i)`` over the whole padded sequence (``L x D``)."""
-    with torch.no_grad():
-        return (encode(pipe, with_concept).embeds - encode(pipe, without).embeds).float().mean(0)
+def _parts(cond) -> list[torch.Tensor]:
+    """The text embedding the denoiser reads, as float tensors: the token states, and the pooled
+    embedding where the family has one (SDXL, SD3, Flux)."""
+    return [cond.embeds.float()] + ([cond.pooled.float()] if cond.pooled is not None else [])
 
 
-def _encode_ids(pipe, tokens: torch.Tensor) -> torch.Tensor:
-    """Text-encoder output of ``[start, tokens..., end, pad...]`` for each row of ``tokens``."""
+def concept_vector(pipe, with_concept: list[str], without: list[str]) -> list[torch.Tensor]:
+    """``mean_i f(with_i) - f(without_i)`` over the whole padded sequence (``L x D``) and, where the
+    family has one, over the pooled embedding (``D'``): one tensor per part of :func:`_parts`."""
     with torch.no_grad():
-        return clip_states(pipe, framed_ids(clip_text(pipe)[0], tokens)).float()
+        return [(a - b).mean(0) for a, b in zip(_parts(encode(pipe, with_concept)), _parts(encode(pipe, without)))]
+
+
+def _encode_ids(pipe, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """``[f(...)]``: the (SD) text-encoder output of ``[start, tokens..., end, pad...]`` for each row of ``tokens``."""
+    with torch.no_grad():
+        return [clip_states(pipe, framed_ids(clip_text(pipe)[0], tokens)).float()]
+
+
+def _encode_text(pipe, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`_parts` of the pipeline's own encoding of each row's decoded text (its words are one
+    token in every tokenizer, so the text re-tokenises to them)."""
+    tok = clip_text(pipe)[0]
+    with torch.no_grad():
+        return _parts(encode(pipe, [decode_text(tok, row) for row in tokens]))
 
 
 @register_attack("ring-a-bell")
@@ -232,22 +257,29 @@ class RingABell(Attack[RingABellConfig]):
     Config = RingABellConfig
     paper = "Ring-A-Bell! How Reliable are Concept Removal Methods for Diffusion Models? (Tsai et al., ICLR 2024), arXiv 2310.10012"
     needs = frozenset({"text_encoder"})
-    family_notes = CLIP_ONLY_NOTES
+    families = ALL_FAMILIES
+    family_notes = {f: "the concept vector and the distance over everything the denoiser reads of the text: the "
+                       "token states of every encoder and the pooled embedding; the K tokens are words that are one "
+                       "token in every tokenizer (replay='text' only)" for f in ("sdxl", "sd3", "flux")}
 
     def _prepare(self, ctx: AttackContext) -> None:
         cfg = self.config
         encoder = ctx.original if ctx.original is not None else ctx.erased  # official: the original encoder
         if ctx.original is not None:
             self.check_family(ctx.original, "the original model")
+        if cfg.replay == "embedding" and family_of(encoder).name != "sd":
+            raise InputError("ring-a-bell: replay='embedding' (one CLIP encoder's states as the whole conditioning) "
+                             "exists only on SD 1.x / 2.x; use replay='text' on this model")
+        for tok in tokenizers(encoder):
+            if cfg.prompt_length + 2 > tok.model_max_length:
+                raise InputError(f"prompt_length {cfg.prompt_length} does not fit the tokenizer's "
+                                 f"{tok.model_max_length} tokens (start and end included); use at most "
+                                 f"{tok.model_max_length - 2}")
         tok, _ = clip_text(encoder)
-        if cfg.prompt_length + 2 > tok.model_max_length:
-            raise InputError(f"prompt_length {cfg.prompt_length} does not fit the tokenizer's "
-                             f"{tok.model_max_length} tokens (start and end included); use at most "
-                             f"{tok.model_max_length - 2}")
         ctx.state["encoder"] = encoder
         ctx.state["vector"] = concept_vector(encoder, *cfg.prompt_pairs(ctx.concept))
-        if cfg.replay == "text":
-            ctx.state["vocab"] = whole_word_tokens(tok)
+        if cfg.replay == "text":  # the first tokenizer's ids of the words every tokenizer reads as one token
+            ctx.state["vocab"] = shared_whole_words(tokenizers(encoder))[0]
         else:
             special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
             ctx.state["vocab"] = torch.tensor([i for i in range(len(tok)) if i not in special])
@@ -255,11 +287,12 @@ class RingABell(Attack[RingABellConfig]):
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         cfg, g, vocab, encoder = self.config, ctx.generator, ctx.state["vocab"], ctx.state["encoder"]
         with torch.no_grad():
-            target = encode(encoder, [ctx.prompts[i]]).embeds.float()[0] + cfg.eta * ctx.state["vector"]
-        target = target.cpu()
+            own = _parts(encode(encoder, [ctx.prompts[i]]))
+        target = [(p[0] + cfg.eta * v).cpu() for p, v in zip(own, ctx.state["vector"])]
+        embed = _encode_text if cfg.replay == "text" else _encode_ids
 
-        def fitness(pop: torch.Tensor) -> torch.Tensor:
-            return -((_encode_ids(encoder, pop).cpu() - target) ** 2).sum((1, 2))
+        def fitness(pop: torch.Tensor) -> torch.Tensor:  # minus the squared distance over every part
+            return -sum(((p.cpu() - t) ** 2).flatten(1).sum(1) for p, t in zip(embed(encoder, pop), target))
 
         def draw(*shape: int) -> torch.Tensor:
             return vocab[torch.randint(len(vocab), shape, generator=g)]
@@ -293,5 +326,5 @@ class RingABell(Attack[RingABellConfig]):
                 "encoder": "original" if encoder is ctx.original else "erased"}
         if cfg.replay == "text":
             return replayed_text(tok, text, best.tolist(), float(-scores.max()), meta)
-        embedding = _encode_ids(ctx.erased, best.unsqueeze(0)).to(te.dtype)
+        embedding = _encode_ids(ctx.erased, best.unsqueeze(0))[0].to(te.dtype)
         return Adversarial(text, embedding, loss=float(-scores.max()), meta=meta)
