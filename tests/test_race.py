@@ -22,17 +22,20 @@ from families import build
 FAST_RACE = {"esd_iterations": 1, "iterations": 2, "pgd_steps": 2, "lr": 1e-2, "ddim_steps": 3, "batch_size": 2}
 
 
-def _pgd_case(pipe, eps=0.5, steps=20):
+def _pgd_case(pipe, eps=0.5, steps=20, units="absolute"):
+    from efface.models.families import family_of
+
     c = encode(pipe, ["a circle"])
     g = torch.Generator().manual_seed(0)
-    x_t, target = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    shape = (1, *family_of(pipe).latent_shape(pipe))
+    x_t, target = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     t = torch.tensor(500)
 
     def loss(cond):
         with torch.no_grad():
             return float(F.mse_loss(predict(pipe, x_t, t, cond), target))
 
-    adv = pgd_embedding(pipe, c, x_t, t, target, eps, steps, torch.Generator().manual_seed(1))
+    adv = pgd_embedding(pipe, c, x_t, t, target, eps, steps, torch.Generator().manual_seed(1), units=units)
     return c, adv, loss
 
 
@@ -51,6 +54,18 @@ def test_pgd_on_sdxl_perturbs_the_token_sequence_and_keeps_the_pooled_embedding(
     c, adv, loss = _pgd_case(pipe, eps)
     assert c.pooled is not None and torch.equal(adv.pooled, c.pooled)
     assert 0 < (adv.embeds - c.embeds).abs().max() <= eps + 1e-6
+    assert loss(adv) < loss(c)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_pgd_in_token_rms_units_gives_each_token_its_own_radius(family):
+    pipe = build(family)
+    eps = 0.05
+    c, adv, loss = _pgd_case(pipe, eps, units="token_rms")
+    rms = c.embeds.float().square().mean(-1, keepdim=True).sqrt()
+    step = (adv.embeds - c.embeds).abs()
+    assert (step <= eps * rms + 1e-6).all() and (step.amax(-1) > 0).any()
+    assert torch.equal(adv.pooled, c.pooled)  # the pooled embedding stays clean, as on SDXL
     assert loss(adv) < loss(c)
 
 
@@ -76,17 +91,21 @@ def test_predicted_noise_is_the_noise_on_v_prediction_models():
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_race_refuses_sd3_and_flux_before_any_work(family, monkeypatch):
+def test_race_on_joint_attention_families_perturbs_in_the_units_asked(family, monkeypatch):
     import efface.methods.race as race_module
 
-    monkeypatch.setattr(race_module, "frozen_copy", lambda m: pytest.fail("RACE started work"))
+    seen, pgd = [], race_module.pgd_embedding
+    monkeypatch.setattr(race_module, "pgd_embedding", lambda *a, **k: seen.append(k["units"]) or pgd(*a, **k))
     pipe = build(family)
-    with pytest.raises(InputError, match=rf"race supports sd, sdxl models, not {family}: not ported"):
-        erase(pipe, "race", ["circle"], seed=0, progress=False, **FAST_RACE)
+    pipe.set_progress_bar_config(disable=True)
+    erased = erase(pipe, "race", ["circle"], seed=0, progress=False, epsilon_units="token_rms", **FAST_RACE)
+    assert seen and set(seen) == {"token_rms"} and erased.manifest["config"]["epsilon_units"] == "token_rms"
 
 
 def test_race_config_refuses_bad_values():
     with pytest.raises(InputError, match="epsilon"):
         RACEConfig(epsilon=0)
+    with pytest.raises(InputError, match="epsilon_units"):
+        RACEConfig(epsilon_units="relative")
     with pytest.raises(InputError, match="train_method"):
         RACEConfig(train_method="attn1")

@@ -28,8 +28,13 @@ CLIP-L / bigG penultimate states, while the pooled embedding (the ``add_embeddin
 clean (``cond.with_embeds``). That keeps RACE's threat model on SDXL (adversarial token states,
 what prompt and embedding attacks change, reaching the UNet through cross-attention) but makes the
 model robust on that path only; ``epsilon`` is in the units of those states (SDXL's penultimate
-states are not final-layer-normed as SD 1.x's are) and is not re-tuned there. SD3 and Flux are
-refused (see ``family_notes``).
+states are not final-layer-normed as SD 1.x's are) and is not re-tuned there. SD3 and Flux (not in the paper): the
+perturbed sequence is the joint attention's text tokens (SD3: CLIP states zero-padded to T5's width,
+then T5's; Flux: T5's), the pooled embedding kept clean as on SDXL; their states have other scales
+than SD's final-layer-normed CLIP states, so ``epsilon_units="token_rms"`` gives each token a radius
+of ``epsilon`` times its own root-mean-square state, a radius relative to each state; the official
+absolute radius stays the default everywhere (the relative one is not the paper's, and which value
+of ``epsilon`` matches the paper's 0.1 on SD 1.x is not measured here).
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ TRAIN_METHODS = {"xattn": "xattn", "xattn_kv": "xattn_kv", "noxattn": "noxattn",
 class RACEConfig(ESDConfig):
     esd_iterations: int = field(default=1000, metadata={"help": "plain ESD steps before adversarial training"})
     epsilon: float = field(default=0.1, metadata={"help": "L-inf radius of the embedding perturbation"})
+    epsilon_units: str = field(default="absolute", metadata={
+        "help": "absolute: epsilon in the units of the token states (official, SD's CLIP); token_rms: epsilon times "
+                "each token's root-mean-square state (a radius that means the same for T5 and CLIP states)"})
     pgd_steps: int = field(default=10, metadata={"help": "PGD sign steps per iteration (step epsilon / 4)"})
     train_method: str = field(default="noxattn", metadata={"help": "trained parameters: xattn (esd-x), xattn_kv, "
                                                                      "noxattn (esd-u) or all"})
@@ -58,24 +66,28 @@ class RACEConfig(ESDConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_bounds(non_negative=("esd_iterations",), positive=("epsilon",))
-        self.check_choices(train_method=tuple(TRAIN_METHODS))
+        self.check_choices(train_method=tuple(TRAIN_METHODS), epsilon_units=("absolute", "token_rms"))
 
 
 def pgd_embedding(pipe, c: Conditioning, x_t: torch.Tensor, t, target: torch.Tensor, epsilon: float, steps: int,
-                  generator: torch.Generator, *, denoiser: torch.nn.Module | None = None) -> Conditioning:
+                  generator: torch.Generator, *, denoiser: torch.nn.Module | None = None,
+                  units: str = "absolute") -> Conditioning:
     """``c`` with its token sequence ``c.embeds + delta``, ``delta`` in the L-inf ball of radius
     ``epsilon`` minimising ``|| target - eps(x_t, t, c + delta) ||^2`` (``target`` a noise; ``eps``
     the pipeline's denoiser, or ``denoiser``, through the family's ``predicted_noise``) by ``steps``
-    signed-gradient steps of ``epsilon / 4`` from a uniform random start; the pooled part (SDXL) is
-    kept. The denoiser's parameters get no gradient."""
+    signed-gradient steps of ``epsilon / 4`` from a uniform random start; the pooled part (SDXL, SD3,
+    Flux) is kept. ``units="token_rms"``: radius and step are per token, times that token's
+    root-mean-square state. The denoiser's parameters get no gradient."""
     emb = c.embeds.detach()
-    delta = (torch.rand(emb.shape, generator=generator) * 2 - 1).to(emb.device, emb.dtype) * epsilon
+    radius = epsilon * (emb.float().square().mean(-1, keepdim=True).sqrt().to(emb.dtype) if units == "token_rms"
+                        else torch.ones((), device=emb.device, dtype=emb.dtype))
+    delta = (torch.rand(emb.shape, generator=generator) * 2 - 1).to(emb.device, emb.dtype) * radius
     for _ in range(steps):
         delta.requires_grad_(True)
         out = predict(pipe, x_t, t, c.with_embeds(emb + delta), denoiser=denoiser)
         loss = F.mse_loss(family_of(pipe).predicted_noise(pipe, x_t, t, out).float(), target.float())
         (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() - epsilon / 4 * grad.sign()).clamp(-epsilon, epsilon)
+        delta = torch.maximum(torch.minimum(delta.detach() - radius / 4 * grad.sign(), radius), -radius)
     return c.with_embeds((emb + delta).detach()).detach()
 
 
@@ -85,13 +97,12 @@ class RACE(ESD):
 
     Config = RACEConfig
     paper = "RACE: Robust Adversarial Concept Erasure for Secure Text-to-Image Diffusion Model (Kim et al., ECCV 2024), arXiv 2405.16341"
-    families = frozenset({"sd", "sdxl"})
+    families = frozenset({"sd", "sdxl", "sd3", "flux"})
     family_notes = {
-        "sd3": "not ported: the conditioning is CLIP-L / G states (zero-padded to T5's width) followed by T5's, "
-               "whose scales differ, so one L-inf radius over the sequence is not RACE's perturbation; "
-               "use esd-x / esd-u",
-        "flux": "not ported: the token sequence is T5's (the concept's CLIP part is only the pooled embedding), "
-                "outside the CLIP-state threat model and radius RACE was designed and tuned for; use esd-x / esd-u",
+        "sd3": "the perturbation is of the joint sequence (CLIP-L / G states zero-padded to T5's width, then T5's), "
+               "whose scales differ: use epsilon_units='token_rms'; the pooled embedding is kept clean",
+        "flux": "the perturbation is of the T5 token states (the concept's CLIP part is the pooled embedding, kept "
+                "clean), outside the CLIP-state radius RACE was tuned for: use epsilon_units='token_rms'",
     }
 
     @property
@@ -106,6 +117,6 @@ class RACE(ESD):
             self._train(pipe, request, generator, progress, cfg.esd_iterations, frozen=original)
 
         def adversarial(c, x_t, t, x_T):  # against the model being trained, as the official code
-            return pgd_embedding(pipe, c, x_t, t, x_T, cfg.epsilon, cfg.pgd_steps, generator)
+            return pgd_embedding(pipe, c, x_t, t, x_T, cfg.epsilon, cfg.pgd_steps, generator, units=cfg.epsilon_units)
 
         self._train(pipe, request, generator, progress, cfg.iterations, perturb=adversarial, frozen=original)
