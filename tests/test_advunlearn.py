@@ -185,7 +185,12 @@ def test_sdxl_unet_train_method_changes_only_that_unet_set(family_pipe):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_flow_families_are_refused_before_any_work(family_pipe, family):
+def test_on_clip_and_t5_families_the_text_encoders_are_trained_with_t5_slots(family_pipe, family):
+    """On SD3 / Flux the plug-in text encoders are CLIP and T5: text_encoder_full trains the layers of
+    both (and only them), with the attack's slots in both."""
     pipe = family_pipe(family)
-    with pytest.raises(InputError, match=rf"advunlearn supports sd, sdxl models, not {family}: the soft-prompt attack"):
-        erase(pipe, "advunlearn", ["circle"], seed=0, **FAST)
+    erased = erase(pipe, "advunlearn", ["circle"], seed=0, **FAST)
+    changed = {n.split(".")[0] for n in erased.tensors}
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    assert {"text_encoder", t5} <= changed, changed
+    assert not any(n.startswith("transformer") for n in changed)

@@ -70,11 +70,14 @@ Model families:
   only would leave the attacker no say in the second one's states, the pooled embedding among
   them, which a real token prefix changes too. The UNet sets (``xattn``, ``noxattn``, ``full``)
   are the UNet's as on SD (``noxattn`` leaves ``add_embedding`` out);
-* ``sd3`` / ``flux``: refused (``family_notes``): the attack's ``k`` tokens have no common meaning
-  across the CLIP and T5 tokenizers (different vocabularies, T5 has no start token, the token
-  states enter at different sequence positions), so a soft-prompt prefix needs a new, per-encoder
-  alignment mechanism; and training T5-XXL (4.7B parameters) as the "plug-in text encoder" is not
-  what the method was designed or evaluated for.
+* ``sd3`` / ``flux`` (not in the paper): the prompt reaches the model through CLIP and T5, so the
+  attack perturbs every encoder's ``k`` slots (:mod:`efface.models.slots`: after CLIP's start
+  token, first in T5, which has none), each with its own table's rows, optimised jointly, as on
+  SDXL. The encoders' vocabularies differ, so the random start draws ``k`` tokens in each table
+  separately (the official start is "k random tokens"; SD / SDXL keep one draw for all tables of
+  the same vocabulary). ``text_encoder_full`` trains the layers of *every* text encoder, T5's
+  included: on the real models that is T5-XXL (4.7B parameters), which the paper's plug-in text
+  encoder never was; ``train_method="xattn"`` trains the transformer's joint attention instead.
 """
 
 from __future__ import annotations
@@ -181,11 +184,10 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
     paper = ("Defensive Unlearning with Adversarial Training for Robust Concept Erasure in Diffusion Models "
              "(Zhang et al., NeurIPS 2024), arXiv 2405.15234")
     preserves: ClassVar[bool] = True
-    families: ClassVar[frozenset[str]] = frozenset({"sd", "sdxl"})
+    families: ClassVar[frozenset[str]] = frozenset({"sd", "sdxl", "sd3", "flux"})
     family_notes: ClassVar[dict[str, str]] = dict.fromkeys(("sd3", "flux"), (
-        "the soft-prompt attack prepends k token embeddings to the prompt in every text encoder, and CLIP and T5 "
-        "share no vocabulary or token positions (T5 has no start token), so the k tokens have no common meaning "
-        "across them without a new alignment mechanism; the plug-in text encoder would also include T5-XXL"))
+        "the attack's k slots in CLIP and T5 at once (each its own table; T5 has no start token); "
+        "text_encoder_full trains every encoder's layers, T5's included (train_method=xattn for the transformer)"))
 
     @property
     def parameter_set(self) -> str:  # type: ignore[override]
@@ -219,7 +221,7 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
         frozen = frozen_copy(den) if trains_unet else None  # theta*: None, the denoiser is unchanged otherwise
         timesteps = sampler(pipe, cfg.ddim_steps).timesteps
         tables = token_tables(pipe)
-        vocab = min(t.shape[0] for t in tables)  # SDXL: both tables hold the same CLIP vocabulary
+        same_vocab = len({t.shape[0] for t in tables}) == 1  # SD, SDXL: one CLIP vocabulary; SD3 / Flux: CLIP and T5
         n = cfg.batch_size
         state: dict = {"row": 0, "adv": None}
 
@@ -244,9 +246,11 @@ class AdvUnlearn(ErasureMethod[AdvUnlearnConfig]):
             if i >= cfg.warmup_iter and (update or state["adv"] is None):
                 if cfg.attack_init == "latest" and state["adv"] is not None:
                     start = state["adv"]
-                else:  # the rows of the same k random tokens in every encoder's table
-                    token_ids = random_index(vocab, generator, k)
+                elif same_vocab:  # the rows of the same k random tokens in every encoder's table
+                    token_ids = random_index(tables[0].shape[0], generator, k)
                     start = [t[token_ids].detach() for t in tables]
+                else:  # k random tokens of each encoder's own vocabulary
+                    start = [t[random_index(t.shape[0], generator, k)].detach() for t in tables]
                 state["adv"], _ = prefix_attack(pipe, prefixed[state["row"]], start, attack_draw, cfg.attack_step,
                                                 cfg.attack_lr, cfg.attack_method == "fast_at",
                                                 accumulate=cfg.attack_grad == "accumulate")
