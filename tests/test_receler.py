@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from efface.errors import InputError
 from efface.methods import erase
 from efface.methods.esd import esd_target
-from efface.methods.receler import (ReceLerErasers, adversarial_embedding, attack_steps, concept_attention,
-                                    concept_masks, localisation_loss)
+from efface.methods.receler import ReceLerErasers, adversarial_embedding, attack_steps
+from efface.methods.receler_maps import concept_attention, concept_masks, localisation_loss
 from efface.models.diffusion import predict
 from efface.models.text import encode
 
@@ -197,3 +197,41 @@ def test_receler_runs_on_sdxl_through_the_seam(family_pipe):
         changed = eps()
     assert torch.isfinite(changed).all() and not torch.allclose(changed, base)
     torch.testing.assert_close(eps(), base, rtol=0, atol=0)
+
+
+def test_flux_joint_attention_probabilities_are_the_processors(family_pipe):
+    """The mask's image-to-text probabilities on Flux are those the double-stream processor attends
+    with: probabilities times the values (text then image), through to_out, give its image output."""
+    from efface.methods.receler_maps import eraser_sites, joint_probabilities
+
+    pipe = family_pipe("flux")
+    den = pipe.transformer
+    key = next(iter(eraser_sites(pipe)))
+    attn = den.get_submodule(key.removesuffix(".processor"))
+    g = torch.Generator().manual_seed(0)
+    dim = attn.to_q.in_features
+    hidden, context = torch.randn(1, 16, dim, generator=g), torch.randn(1, 5, dim, generator=g)
+    ids = torch.cat([torch.zeros(5, 3), torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0),
+                                                                   torch.arange(4.0), indexing="ij"), -1).reshape(-1, 3)])
+    rotary = den.pos_embed(ids)
+    with torch.no_grad():
+        image_out, _ = attn(hidden, context, image_rotary_emb=rotary)
+        probs = joint_probabilities(attn, hidden, context, rotary)
+        v = torch.cat([attn.add_v_proj(context), attn.to_v(hidden)], 1).unflatten(-1, (-1, attn.head_dim))
+        mixed = torch.einsum("bhnm,bmhd->bnhd", probs, v.float()).flatten(2)
+    torch.testing.assert_close(attn.to_out[0](mixed), image_out, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(probs.sum(-1), torch.ones(()))
+
+
+def test_receler_on_flux_puts_erasers_on_the_double_blocks_image_stream(family_pipe):
+    from efface.methods.receler_maps import attention_sides, eraser_sites
+
+    pipe = family_pipe("flux")
+    sites = eraser_sites(pipe)
+    assert sites and all(k.startswith("transformer_blocks.") for k in sites)  # double-stream blocks only
+    assert attention_sides(pipe) == {8}  # 16 x 16 latents, one token per 2 x 2 patch
+    erased = erase(pipe, "receler", ["circle"], seed=0, progress=False, iterations=2, ddim_steps=4, rank=4,
+                   adversarial_steps=1, adversarial_tokens=2, mask_resolution=8)
+    with erased.applied(pipe):
+        out = predict(pipe, torch.zeros(1, 16, 16, 16), 500, encode(pipe, ["a circle"]))
+    assert torch.isfinite(out).all()

@@ -67,7 +67,12 @@ the tests, not on a real SDXL). On SDXL the soft tokens replace positions of the
 (both encoders' states) while the pooled embedding, which reaches the UNet through
 ``add_embedding`` around the erasers, stays the clean prompt's; and its cross-attention maps at 1024
 px are 64 and 32 wide, so the default ``mask_resolution`` 16 is refused: 32 is SD's 16 relative to
-the latent. SD3 and Flux are refused (``ReceLer.family_notes``).
+the latent. Flux (the joint-attention form, not in the paper; :mod:`efface.methods.receler_maps`): an
+eraser after the image stream's attention output of every double-stream block, the mask from the
+image-to-text part of that joint attention (at the packed token grid, half the latent's side: 4
+on toy-flux, 32 on FLUX.1 at 1024 px), the soft tokens replacing T5 states after the concept's
+last T5 token (its CLIP part, the pooled embedding, stays the clean prompt's, as on SDXL). SD3 is
+refused (``ReceLer.family_notes``).
 """
 
 from __future__ import annotations
@@ -83,11 +88,13 @@ import torch.nn.functional as F
 from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.esd import esd_target
-from efface.methods.prompts import draw_row, fill, filled, word_end
+from efface.methods.prompts import draw_row, fill, filled
 from efface.models.adapters import Adapter, Installed, register_adapter, wrap_attention_processors
 from efface.models.diffusion import initial_latents, predict, random_index, sample_to, sampler, train_steps
 from efface.models.families import Conditioning, family_of
-from efface.models.params import cross_attention_modules, named_parameters
+from efface.methods.receler_maps import (attention_sides, concept_attention, concept_masks, eraser_sites, is_joint,
+                                         joint_concept_attention, localisation_loss)
+from efface.models.params import named_parameters
 from efface.models.precision import master_dtype
 from efface.models.text import encode
 
@@ -177,11 +184,13 @@ class ReceLerErasers(Adapter):
 
     @classmethod
     def for_pipe(cls, pipe, rank: int) -> ReceLerErasers:
-        """Erasers of width ``rank`` after every cross-attention module of ``pipe``'s UNet (SD: ``attn2``)."""
-        cross = cross_attention_modules(pipe)
-        if not cross:
-            raise InputError("this UNet has no cross-attention (attn2) layer to put erasers after")
-        return cls({f"{name}.processor": m.to_out[0].out_features for name, m in cross.items()}, rank)
+        """Erasers of width ``rank`` after every cross-attention module of ``pipe``'s UNet (SD: ``attn2``),
+        or Flux's double-stream joint attentions (image stream; :mod:`efface.methods.receler_maps`)."""
+        sites = eraser_sites(pipe)
+        if not sites:
+            raise InputError("this denoiser has no cross-attention (attn2) or double-stream joint attention to put "
+                             "erasers after")
+        return cls(sites, rank)
 
     def spec(self) -> dict[str, Any]:
         return {"dims": self.dims, "rank": self.rank}
@@ -192,15 +201,20 @@ class ReceLerErasers(Adapter):
 
         strength = handle.strength  # ErasedModel.apply(pipe, scale=s): o + s E(o)
 
-        def after(key, out, hidden, context):
+        def after(key, out, hidden, context, kwargs):
+            joint = is_joint(modules[key])  # Flux: out = (image stream, text stream); the eraser follows the image's
             if self.tokens is not None:
-                self.maps[key] = concept_attention(modules[key], hidden, context, self.tokens)
+                self.maps[key] = (joint_concept_attention(modules[key], hidden, context, self.tokens,
+                                                          kwargs.get("image_rotary_emb")) if joint
+                                  else concept_attention(modules[key], hidden, context, self.tokens))
             if not self.active:
                 return out
-            e = self.erasers[_slot(key)](out)
+            o = out[0] if joint else out
+            e = self.erasers[_slot(key)](o)
             if self.outputs is not None:
                 self.outputs[key] = e
-            return out + (e if strength == 1.0 else strength * e)
+            o = o + (e if strength == 1.0 else strength * e)
+            return (o, *out[1:]) if joint else o
 
         wrapped = wrap_attention_processors(unet, handle, lambda k: k in self.dims, after)
         if len(wrapped) != len(self.dims):
@@ -218,65 +232,12 @@ def _attention(unet, key: str):
         raise InputError(f"these erasers were made for another UNet: it has no {key}") from err
 
 
-def concept_attention(attn, hidden: torch.Tensor, context: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The cross-attention probabilities softmax(q k^T / sqrt(d)) of ``attn`` on the text positions
-    ``tokens``, averaged over heads and those tokens: (B, N) for ``hidden`` of shape (B, N, C)."""
-    with torch.no_grad():
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q = attn.head_to_batch_dim(attn.to_q(hidden))
-        k = attn.head_to_batch_dim(attn.to_k(context))
-        probs = attn.get_attention_scores(q, k, None)  # (B * heads, N, T)
-        return probs.view(hidden.shape[0], attn.heads, *probs.shape[1:])[..., tokens].mean(-1).mean(1).float()
-
-
-def concept_masks(maps: dict[str, torch.Tensor], latent: tuple[int, int], resolution: int,
-                  threshold: float) -> dict[str, torch.Tensor]:
-    """Binary masks (B, N) per layer: the maps whose side is ``resolution`` averaged, min-max
-    normalised per image, ``>= threshold`` -> 1, nearest-resized to every layer's positions."""
-    sides = {k: _side(m.shape[1], latent) for k, m in maps.items()}
-    chosen = [m.view(m.shape[0], *sides[k]) for k, m in maps.items() if sides[k][0] == resolution]
-    avg = torch.stack(chosen, 1).mean(1)  # (B, h, w)
-    lo, hi = avg.amin((1, 2), keepdim=True), avg.amax((1, 2), keepdim=True)
-    mask = ((avg - lo) / (hi - lo).clamp_min(1e-12) >= threshold).float()
-    return {k: F.interpolate(mask[:, None], size=sides[k], mode="nearest").flatten(1) for k in maps}
-
-
-def _side(n: int, latent: tuple[int, int]) -> tuple[int, int]:
-    f = math.sqrt(latent[0] * latent[1] / n)  # the layer's downsampling factor
-    return round(latent[0] / f), round(latent[1] / f)
-
-
-def localisation_loss(outputs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L_reg: per layer, the channel-mean of the squared eraser output outside the mask, summed over
-    positions and divided by the number of positions outside; averaged over layers."""
-    terms = []
-    for key, e in outputs.items():
-        outside = 1 - masks[key].to(e.dtype)  # (B, N)
-        terms.append(((e * outside[..., None]) ** 2).mean(-1).sum() / (outside.sum() + 1e-9))
-    return torch.stack(terms).mean()
-
-
 def adversarial_embedding(c: torch.Tensor, start: int, prompt: torch.Tensor) -> torch.Tensor:
     """``c`` (B, T, D) with positions ``[start, start + K)`` replaced by the soft tokens ``prompt``
     (1, K, D), built out of place so that gradients reach ``prompt`` (the official code's in-place
     ``emb[:, idx, :].data = ...`` writes into a copy and leaves ``c`` unchanged)."""
     k = prompt.shape[1]
     return torch.cat([c[:, :start], prompt.to(c.dtype).expand(c.shape[0], -1, -1), c[:, start + k:]], 1)
-
-
-def attention_sides(pipe) -> set[int]:
-    """Sides of the cross-attention maps of ``pipe``'s UNet (a diffusers UNet2DConditionModel) at its
-    native latent size."""
-    family = family_of(pipe)
-    size = family.latent_shape(pipe)[1]
-    depth, sides = len(family.denoiser(pipe).config.down_block_types), set()
-    for name in cross_attention_modules(pipe):
-        block, _, rest = name.partition(".")
-        index = int(rest.split(".")[0]) if block != "mid_block" else depth - 1
-        level = index if block == "down_blocks" else depth - 1 - index if block == "up_blocks" else depth - 1
-        sides.add(size // 2**level)
-    return sides
 
 
 @register_method("receler")
@@ -291,20 +252,20 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
     lora_export = None
     lora_note = ("its erasers are GELU MLPs added after each cross-attention (o + E(o)), not a change of a "
                  "layer's weights: apply the artifact with efface")
-    families: ClassVar[frozenset[str]] = frozenset({"sd", "sdxl"})
+    families: ClassVar[frozenset[str]] = frozenset({"sd", "sdxl", "flux"})
     family_notes: ClassVar[dict[str, str]] = {
-        "sd3": "the erasers follow UNet cross-attention (attn2) and the mask reads its text-only attention maps; "
-               "SD3's joint attention has no separate cross-attention output: the joint-attention form is "
-               "issue 15's",
-        "flux": "the erasers follow UNet cross-attention (attn2) and the mask reads its text-only attention maps; "
-                "Flux's joint attention has no separate cross-attention output: the joint-attention form is "
-                "issue 15's",
+        "sd3": "the erasers follow cross-attention (UNets) or Flux's double-stream joint attention, whose image "
+               "stream has its own output; SD3's token sequence joins CLIP's and T5's tokens, so the soft tokens "
+               "and the concept's positions have no one tokenizer: not ported",
+        "flux": "joint-attention form: an eraser after each double-stream block's image-stream attention output, "
+                "the mask from its image-to-text attention; the soft tokens replace T5 states (receler_maps)",
     }
 
     def check(self, pipe, request: ErasureRequest) -> None:
         super().check(pipe, request)
         cfg = self.config
-        tok = family_of(pipe).tokenizer(pipe)
+        family = family_of(pipe)
+        tok = family.sequence_tokenizer(pipe)
         sides = attention_sides(pipe)
         if cfg.concept_reg_weight > 0 and cfg.mask_resolution not in sides:
             raise InputError(f"mask_resolution={cfg.mask_resolution}: this UNet's cross-attention maps are "
@@ -313,7 +274,7 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
             room = tok.model_max_length
             for c in request.concepts:
                 for t in cfg.templates:
-                    end = word_end(tok, t, c) + 1 + cfg.adversarial_tokens
+                    end = family.word_positions(pipe, t, c)[0] + 1 + cfg.adversarial_tokens
                     if end > room:
                         raise InputError(f"adversarial_tokens={cfg.adversarial_tokens} do not fit after "
                                          f"{fill(t, c)!r} in {room} text positions: lower adversarial_tokens")
@@ -323,7 +284,7 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
         if request.preserve:
             log.info("receler: preserved concepts are not used (Receler has no preservation term)")
         family = family_of(pipe)
-        unet, tok = family.denoiser(pipe), family.tokenizer(pipe)
+        unet, tok = family.denoiser(pipe), family.sequence_tokenizer(pipe)  # the tokens of the sequence (Flux: T5)
         for _, _, p in named_parameters(pipe):
             p.requires_grad_(False)
         erasers = ReceLerErasers.for_pipe(pipe, cfg.rank)
@@ -338,7 +299,7 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
             concepts = text(filled(templates, request.concepts))
             anchors = text(filled(templates, request.anchors))
             empty = text([""])
-        ends = [word_end(tok, t, c) for c in request.concepts for t in templates]
+        ends = [family.word_positions(pipe, t, c)[0] for c in request.concepts for t in templates]
         lengths = [len(tok(c, add_special_tokens=False).input_ids) for c in request.concepts for _ in templates]
         timesteps = sampler(pipe, cfg.ddim_steps).timesteps
         dim = concepts.shape[-1]

@@ -120,20 +120,25 @@ def adapter_from(description: dict[str, Any], state: dict[str, torch.Tensor]) ->
 
 
 class _WrappedProcessor:
-    """An attention processor that calls the original one, then ``after(attn, output, kwargs)``."""
+    """An attention processor that calls the original one, then ``after(name, output, hidden_states,
+    encoder_hidden_states, kwargs)`` (``kwargs``: the processor's other keyword arguments, e.g. Flux's
+    ``image_rotary_emb``)."""
 
     def __init__(self, original, name: str, after: Callable):
         self.original, self.name, self.after = original, name, after
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):
+        if image_rotary_emb is not None:  # Flux's FluxAttention passes it positionally; UNet processors take none
+            kwargs["image_rotary_emb"] = image_rotary_emb
         out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                             attention_mask=attention_mask, **kwargs)
-        return self.after(self.name, out, hidden_states, encoder_hidden_states)
+        return self.after(self.name, out, hidden_states, encoder_hidden_states, kwargs)
 
 
 def wrap_attention_processors(unet, handle: Installed, choose: Callable[[str], bool], after: Callable) -> list[str]:
     """Wrap the processor of every attention module whose processor key (``"...attn2.processor"``)
-    ``choose`` accepts: its output becomes ``after(key, output, hidden_states, encoder_hidden_states)``.
+    ``choose`` accepts: its output becomes ``after(key, output, hidden_states, encoder_hidden_states, kwargs)``.
     The original processors come back on ``handle.remove()``. Returns the wrapped keys."""
     original = dict(unet.attn_processors)
     chosen = [k for k in original if choose(k)]

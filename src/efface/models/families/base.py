@@ -209,6 +209,11 @@ class Family:
         """The tokenizer whose positions :meth:`word_positions` counts in first (the CLIP one)."""
         return getattr(pipe, self.tokenizers[0])
 
+    def sequence_tokenizer(self, pipe):
+        """The tokenizer whose tokens are the positions of :attr:`Conditioning.embeds` (UNets: the
+        CLIP one; Flux: T5), or None where the sequence joins several encoders' tokens (SD3)."""
+        return self.tokenizer(pipe)
+
     def check_fits(self, pipe, text: str, what: str = "concept") -> None:
         """Refuse ``text`` if it is empty or any of the pipeline's tokenizers would truncate it."""
         for name in self.tokenizers:

@@ -57,6 +57,9 @@ class Flux(FlowFamily):
                                                max_sequence_length=self.max_sequence_length(pipe))
         return Conditioning(embeds, pooled)
 
+    def sequence_tokenizer(self, pipe):
+        return getattr(pipe, self.tokenizers[-1])  # the token sequence is T5's
+
     def word_positions(self, pipe, template: str, word: str) -> list[int]:
         return [self.t5_position(pipe, template, word)]
 

@@ -48,6 +48,9 @@ class SD3(FlowFamily):
                                  max_sequence_length=self.max_sequence_length(pipe))
         return Conditioning(out[0], out[2])
 
+    def sequence_tokenizer(self, pipe):
+        return None  # CLIP's tokens, then T5's, along one sequence
+
     def word_positions(self, pipe, template: str, word: str) -> list[int]:
         clip = word_end(self.tokenizer(pipe), template, word)
         offset = int(pipe.tokenizer.model_max_length)
