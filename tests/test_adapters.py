@@ -23,7 +23,7 @@ def test_wrapped_processors_change_the_output_and_are_restored():
     base, processors = _eps(pipe), dict(pipe.unet.attn_processors)
     handle, seen = Installed(), []
 
-    def after(key, out, hidden, context):
+    def after(key, out, hidden, context, kwargs):
         seen.append((key, context is not None))
         return out * 2
 
