@@ -80,8 +80,25 @@ def print_claims(rows: list[dict]) -> None:
                 b = [x for s in seeds for x in by[other, attack][s]]
                 d, low, high = paired_difference(a, b)
                 verdict = "holds" if high < 0 else "reversed" if low > 0 else "within the noise"
+                per_seed = [paired_difference(by[robust, attack][s], by[other, attack][s], draws=1)[0] for s in seeds]
+                signs = ("" if len(seeds) < 2 else "; per seed " + ", ".join(f"{x:+.2f}" for x in per_seed)
+                         + (" (one sign)" if all(x < 0 for x in per_seed) or all(x > 0 for x in per_seed) else ""))
                 print(f"{attack}: ASR {robust} - ASR {other} = {d:+.3f} [{low:+.3f}, {high:+.3f}] "
-                      f"({len(a)} prompts, seeds {seeds}): {verdict}")
+                      f"({len(a)} prompts, seeds {seeds}): {verdict}{signs}")
+
+
+def print_seeds(rows: list[dict]) -> None:
+    """Per method and attack measured at several --seed values: the ASR of each, and pooled (Wilson 95 %)."""
+    by: dict[tuple[str, str], dict[int, list[bool]]] = {}
+    for r in rows:
+        by.setdefault((r["method"], r["attack"]), {})[r.get("seed", 0)] = r["success"]
+    for (method, attack), runs in by.items():
+        if len(runs) > 1:
+            pooled = [x for s in sorted(runs) for x in runs[s]]
+            rate = sum(pooled) / len(pooled)
+            low, high = wilson(rate, len(pooled))
+            each = ", ".join(f"seed {s}: {sum(v) / len(v):.3f}" for s, v in sorted(runs.items()))
+            print(f"{method:<12} {attack:<18} {each}; pooled {rate:.3f} [{low:.2f}, {high:.2f}] ({len(pooled)} prompts)")
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -127,7 +144,9 @@ def main() -> int:
     parser.add_argument("--claims", nargs="+", metavar="JSON", help="only print the claims of earlier --json files")
     args = parser.parse_args()
     if args.claims:
-        print_claims([r for f in args.claims for r in json.loads(Path(f).read_text())])
+        rows = [r for f in args.claims for r in json.loads(Path(f).read_text())]
+        print_seeds(rows)
+        print_claims(rows)
         return 0
     original = load_pipeline(args.model)
     original.set_progress_bar_config(disable=True)
