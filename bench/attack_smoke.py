@@ -40,6 +40,7 @@ from efface.methods import erase
 from efface.registry import ATTACKS
 from efface.robustness import attack_success, toy_features, toy_prompts
 from efface.sampling import GenerationConfig
+from efface.toy import ALIASES, TOY_MODELS
 from efface.toy.presets import attack_setup, method_setup
 
 GEN = GenerationConfig(steps=25, guidance=7.5)
@@ -115,7 +116,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 def erased_for(original, spec: str, concept: str, seed: int, cache: Path | None, model: str = "toy") -> ErasedModel:
-    prefix = "" if model in ("toy", "toy-sd") else f"{model}-"  # toy-sd's cache keys stay as they were
+    prefix = "" if ALIASES.get(model, model) == "toy-sd" else f"{model}-"  # toy-sd's cache keys stay as they were
     path = cache / re.sub(r"[^\w.=+-]", "_", f"{prefix}{spec}-{concept}-{seed}") if cache else None
     if path is not None and path.exists():
         return ErasedModel.load(path)
@@ -132,7 +133,7 @@ def erased_for(original, spec: str, concept: str, seed: int, cache: Path | None,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="toy", choices=("toy", "toy-sd", "toy-flux"),
+    parser.add_argument("--model", default="toy", choices=(*ALIASES, *TOY_MODELS),
                         help="the toy model (toy = toy-sd)")
     parser.add_argument("--methods", default="uce,esd-x")
     parser.add_argument("--attacks", default=",".join(ATTACKS.names()))

@@ -42,7 +42,7 @@ from efface.config import parse_assignments
 from efface.models.families import family_of
 from efface.sampling import GenerationConfig
 from efface.registry import METHODS
-from efface.toy import CLASSIFIER
+from efface.toy import ALIASES, CLASSIFIER, TOY_MODELS
 from efface.toy.classifier import ToyClassifier
 from efface.toy.presets import method_setup
 from efface.toy.quality import concept_rates
@@ -78,7 +78,7 @@ def child(model: str, method: str, concept: str, n: int, seed: int, sets: list[s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="toy", choices=("toy", "toy-sd", "toy-flux"),
+    parser.add_argument("--model", default="toy", choices=(*ALIASES, *TOY_MODELS),
                         help="the toy model (toy = toy-sd)")
     parser.add_argument("--methods", default=None, help="comma-separated (default: every method that supports "
                                                         "the model's family)")

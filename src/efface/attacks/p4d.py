@@ -55,11 +55,11 @@ import torch.nn.functional as F
 
 from efface.attacks.base import (ALL_FAMILIES, Adversarial, Attack, AttackConfig, AttackContext, clip_states, clip_text,
                                  generate_adversarial, register_attack, target_latents)
-from efface.attacks.text import check_replay, decode_text, replayed_text, shared_whole_words
+from efface.attacks.text import check_embedding_replay, check_replay, decode_text, replayed_text, search_vocabulary
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
-from efface.models.families import Conditioning, family_of
-from efface.models.slots import condition_at, slot_positions, token_tables, tokenizers
+from efface.models.families import Conditioning
+from efface.models.slots import condition_at, slot_positions, token_tables
 from efface.models.text import encode, replaced_token_embeddings
 
 SELECTIONS = ("similarity", "judge")
@@ -146,16 +146,11 @@ class P4D(Attack[P4DConfig]):
         return ids + [tok.pad_token_id] * (tok.model_max_length - len(ids)), free
 
     def _prepare(self, ctx: AttackContext) -> None:
-        if self.config.replay == "embedding" and family_of(ctx.erased).name != "sd":
-            raise InputError(f"{self.name}: replay='embedding' (one CLIP encoder's states as the whole conditioning) "
-                             "exists only on SD 1.x / 2.x; use replay='text' on this model")
+        check_embedding_replay(self.name, ctx.erased, self.config.replay)
         for i in range(len(ctx.prompts)):
             self._layout(ctx, i)  # every prompt fits before any work
         ctx.state["x0"] = target_latents(ctx.erased, ctx.target_images).mean
-        if self.config.replay == "text":  # the same words in every tokenizer, by their id in each
-            ctx.state["allowed"] = shared_whole_words(tokenizers(ctx.erased))
-        else:
-            ctx.state["allowed"] = [torch.arange(token_tables(ctx.erased)[0].shape[0])]
+        ctx.state["allowed"] = search_vocabulary(ctx.erased, self.config.replay)
         if self.config.selection == "similarity":
             with torch.no_grad():
                 ctx.state["target_features"] = F.normalize(ctx.features(ctx.target_images).float(), dim=-1)

@@ -51,9 +51,9 @@ import torch
 
 from efface.attacks.base import (ALL_FAMILIES, Adversarial, Attack, AttackConfig, AttackContext, clip_states, clip_text,
                                  register_attack)
-from efface.attacks.text import check_replay, concept_kind, decode_text, replayed_text, shared_whole_words
+from efface.attacks.text import (check_embedding_replay, check_replay, concept_kind, decode_text, replayed_text,
+                                 shared_whole_words)
 from efface.errors import InputError
-from efface.models.families import family_of
 from efface.models.slots import tokenizers
 from efface.models.text import encode, fill, framed_ids
 
@@ -267,9 +267,7 @@ class RingABell(Attack[RingABellConfig]):
         encoder = ctx.original if ctx.original is not None else ctx.erased  # official: the original encoder
         if ctx.original is not None:
             self.check_family(ctx.original, "the original model")
-        if cfg.replay == "embedding" and family_of(encoder).name != "sd":
-            raise InputError("ring-a-bell: replay='embedding' (one CLIP encoder's states as the whole conditioning) "
-                             "exists only on SD 1.x / 2.x; use replay='text' on this model")
+        check_embedding_replay(self.name, encoder, cfg.replay)
         for tok in tokenizers(encoder):
             if cfg.prompt_length + 2 > tok.model_max_length:
                 raise InputError(f"prompt_length {cfg.prompt_length} does not fit the tokenizer's "

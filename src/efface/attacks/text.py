@@ -11,7 +11,8 @@ import torch
 
 from efface.attacks.base import Adversarial
 from efface.errors import InputError
-from efface.models.slots import slot_start
+from efface.models.families import family_of
+from efface.models.slots import slot_start, token_tables, tokenizers
 
 REPLAYS = ("text", "embedding")
 
@@ -88,6 +89,22 @@ def shared_whole_words(tokenizers: list) -> list[torch.Tensor]:
     if not keep.any():
         raise InputError("no word is a single token in every tokenizer of this pipeline; use replay='embedding'")
     return [c[keep] for c in columns]
+
+
+def check_embedding_replay(name: str, pipe, replay: str) -> None:
+    """Refuse ``replay="embedding"`` (one CLIP encoder's states as the whole conditioning) outside SD 1.x / 2.x."""
+    if replay == "embedding" and family_of(pipe).name != "sd":
+        raise InputError(f"{name}: replay='embedding' (one CLIP encoder's states as the whole conditioning) "
+                         "exists only on SD 1.x / 2.x; use replay='text' on this model")
+
+
+def search_vocabulary(pipe, replay: str) -> list[torch.Tensor]:
+    """The tokens a discrete-token attack searches, by their id in each tokenizer of ``pipe``: text
+    replay, the words every tokenizer reads as one token (:func:`shared_whole_words`); embedding
+    replay (SD), every token of the one table."""
+    if replay == "text":
+        return shared_whole_words(tokenizers(pipe))
+    return [torch.arange(token_tables(pipe)[0].shape[0])]
 
 
 def concept_kind(concept: str) -> str | None:

@@ -50,11 +50,11 @@ import torch.nn.functional as F
 
 from efface.attacks.base import (ALL_FAMILIES, Adversarial, Attack, AttackConfig, AttackContext, clip_states, clip_text,
                                  generate_adversarial, register_attack, target_latents)
-from efface.attacks.text import body_ids, check_replay, decode_text, replayed_text, shared_whole_words
-from efface.errors import InputError
+from efface.attacks.text import (body_ids, check_embedding_replay, check_replay, decode_text, replayed_text,
+                                 search_vocabulary)
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
-from efface.models.families import Conditioning, family_of
-from efface.models.slots import check_prefix_fits, prefixed_condition, prefixed_prompt, token_tables, tokenizers
+from efface.models.families import Conditioning
+from efface.models.slots import check_prefix_fits, prefixed_condition, prefixed_prompt, token_tables
 from efface.models.text import encode, framed_ids
 
 
@@ -105,16 +105,11 @@ class UnlearnDiffAtk(Attack[UnlearnDiffAtkConfig]):
 
     def _prepare(self, ctx: AttackContext) -> None:
         pipe, k = ctx.erased, self.config.tokens
-        if self.config.replay == "embedding" and family_of(pipe).name != "sd":
-            raise InputError("unlearndiffatk: replay='embedding' (one CLIP encoder's states as the whole "
-                             "conditioning) exists only on SD 1.x / 2.x; use replay='text' on this model")
+        check_embedding_replay(self.name, pipe, self.config.replay)
         for p in ctx.prompts:
             check_prefix_fits(pipe, p, k, "tokens")
         ctx.state["x0"] = target_latents(pipe, ctx.target_images).mean
-        if self.config.replay == "text":  # the same words in every tokenizer, by their id in each
-            ctx.state["allowed"] = shared_whole_words(tokenizers(pipe))
-        else:
-            ctx.state["allowed"] = [torch.arange(token_tables(pipe)[0].shape[0])]
+        ctx.state["allowed"] = search_vocabulary(pipe, self.config.replay)
 
     def _loss(self, ctx: AttackContext, x0: torch.Tensor, t: int, g: torch.Generator, cond: Conditioning):
         x_t, target = add_noise(ctx.erased, x0, t, g)  # target: the noise, the velocity (v) or the flow velocity

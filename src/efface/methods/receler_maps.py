@@ -28,7 +28,7 @@ def eraser_sites(pipe) -> dict[str, int]:
     family = family_of(pipe)
     if family.denoiser_name == "transformer":
         return {f"{n}.processor": m.to_out[0].out_features for n, m in family.cross_attention(pipe).items()
-                if getattr(m, "added_kv_proj_dim", None) is not None and getattr(m, "to_out", None) is not None}
+                if is_joint(m)}  # Flux's double-stream blocks (single-stream ones have no text projections)
     return {f"{name}.processor": m.to_out[0].out_features for name, m in cross_attention_modules(pipe).items()}
 
 

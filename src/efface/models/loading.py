@@ -128,10 +128,10 @@ def load_pipeline(model: str | os.PathLike, *, device: str = "cpu", dtype: str =
 
 def _load(model: str | os.PathLike, torch_dtype: torch.dtype, allow_pickle: bool,
           config: str | os.PathLike | None) -> tuple[DiffusionPipeline, str]:
-    if isinstance(model, str) and model in ("toy", "toy-sd", "toy-flux"):
-        from efface.toy import ALIASES, TOY_MODELS
+    from efface.toy import ALIASES, TOY_MODELS
 
-        name = ALIASES.get(model, model)
+    name = ALIASES.get(model, model) if isinstance(model, str) else None
+    if name in TOY_MODELS:
         weights = TOY_MODELS[name]
         if not (weights / "model_index.json").is_file():
             raise ModelLoadError(f"the bundled {name} weights are missing (expected at {weights}); "
