@@ -83,7 +83,8 @@ def prefixed_condition(pipe, text: str, adv: Sequence[torch.Tensor]) -> Conditio
     prompt encoding; differentiable in ``adv`` and in the encoders' parameters where gradients are
     enabled. Every other position keeps its own token embedding."""
     k = adv[0].shape[0] if len(adv) else 0
-    return condition_at(pipe, text, [list(range(slot_start(t), slot_start(t) + k)) for t in tokenizers(pipe)], adv)
+    starts = [slot_start(t) for t in tokenizers(pipe)]
+    return condition_at(pipe, text, [list(range(s, s + k)) for s in starts], adv)
 
 
 def slot_positions(pipe, text: str, positions: Sequence[int]) -> list[list[int]]:
