@@ -179,3 +179,42 @@ def test_cli_demo_runs_uce_and_esd_and_prints_the_report_path(tmp_path, capsys):
     assert "| uce |" in printed and "| esd-u |" in printed and f"report: {out / 'report.html'}" in printed
     cell = json.loads((out / "cells" / "esd-u__circle.json").read_text())
     assert cell["provenance"]["erased"]["config"]["iterations"] == 2 and cell["cost"]["unet_evaluations"] > 0
+
+
+def test_model_list_and_labels():
+    from efface.benchmark.models import model_label, model_list
+
+    assert model_list("toy") == ["toy"] and model_list("toy, toy-flux") == ["toy", "toy-flux"]
+    assert [model_label(m) for m in ("toy", "toy-sd", "toy-flux", "/x/my-sd/")] == ["toy-sd", "toy-sd", "toy-flux",
+                                                                                     "my-sd"]
+    for bad in ("toy,", "toy,toy"):
+        with pytest.raises(InputError):
+            model_list(bad)
+
+
+def test_cli_bench_over_two_models_writes_one_table_with_a_model_column(tmp_path, capsys):
+    out = tmp_path / "b"
+    args = ["-q", "bench", "--model", "toy,toy-flux", "--methods", "uce", "--concepts", "circle",
+            "--no-multi-concept", "--n", "2", "--n-other", "1", "--steps", "4", "--kid-subsets", "2",
+            "--attacks", "no-attack", "--attack-prompts", "2", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| model | method |" in printed
+    assert "| toy-sd | uce |" in printed and "| toy-flux | uce |" in printed and "| toy-flux | base |" in printed
+    for model in ("toy-sd", "toy-flux"):  # each model's grid is a whole bench of its own
+        results = json.loads((out / model / "results.json").read_text())
+        assert results["preset"] == "toy" and {c["name"] for c in results["cells"]} == {"base__circle", "uce__circle"}
+        assert (out / model / "report.html").exists()
+    table = (out / "table.md").read_text()
+    assert "## Robustness" in table and "| toy-flux | uce |" in table.split("## Robustness")[1]
+    report = (out / "report.html").read_text()
+    assert report.count("<h2>toy-flux</h2>") == 1 and "data:image/png;base64," in report
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/cells/*.json")}
+    assert main(args) == 0  # a rerun resumes every model's grid from its cached cells
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/cells/*.json")} == before
+
+
+def test_cli_bench_checks_every_model_before_loading_any(tmp_path, caplog):
+    missing = tmp_path / "missing"
+    assert main(["bench", "--model", f"toy,{missing}", "--preset", "toy", "--out", str(tmp_path / "o")]) == 2
+    assert "not a toy model" in caplog.text and not (tmp_path / "o").exists()

@@ -79,7 +79,7 @@ def generate_many(pipe, prompts: list[str | torch.Tensor], config: GenerationCon
     for start in tqdm(starts, desc="batches", disable=not progress or len(starts) < 2):
         chunk = prompts[start : start + config.batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(chunk)]]
-        guided = family.generation_kwargs(config.guidance, config.negative_prompt)
+        guided = family.generation_kwargs(pipe, config.guidance, config.negative_prompt)
         with torch.inference_mode():
             if all(isinstance(p, str) for p in chunk):
                 negative = guided.pop("negative_prompt")

@@ -87,7 +87,7 @@ def _robustness_html(cells: list[dict[str, Any]]) -> str:
     return f"<h2>Robustness</h2>{_table_html(table, robustness_columns(attacks))}"
 
 
-def _grids(out: Path, cells: list[dict[str, Any]]) -> str:
+def _grids(out: Path, cells: list[dict[str, Any]], h: str = "h3") -> str:
     """Base vs erased sample grids (same prompts, same seeds) for every single-concept cell."""
     parts = []
     for cell in cells:
@@ -105,14 +105,11 @@ def _grids(out: Path, cells: list[dict[str, Any]]) -> str:
             rows += [(f"base: {other} prompts", d / f"base__{other}.png"), (f"{cell['method']}: {other} prompts", p)]
         imgs = "".join(f'<figure><img class="grid" alt="{html.escape(t)}" src="{_png(p)}"><figcaption>{html.escape(t)}'
                        f"</figcaption></figure>" for t, p in rows if p.exists())
-        parts.append(f"<h3>{html.escape(cell['method'])} erasing {html.escape(concept)}</h3>{imgs}")
+        parts.append(f"<{h}>{html.escape(cell['method'])} erasing {html.escape(concept)}</{h}>{imgs}")
     return "".join(parts)
 
 
-def write_report(out: str | Path, table: list[dict[str, Any]], cells: list[dict[str, Any]],
-                 multi_sets: dict[str, list[str]], *, title: str = "efface benchmark", columns=COLUMNS) -> Path:
-    """Write ``out/report.html`` atomically and return its path (``columns``: the table's)."""
-    out = Path(out)
+def _plots(table: list[dict[str, Any]], multi_sets: dict[str, list[str]]) -> list[str]:
     plots = []
     for key, label in (("retained_accuracy", "retained accuracy (utility)"), ("paired_distance", "drift (utility, ↓)")):
         points = [(r["method"], r[key], 1 - r["target_rate"]) for r in table
@@ -127,12 +124,47 @@ def write_report(out: str | Path, table: list[dict[str, Any]], cells: list[dict[
         kept = {r["method"]: [r[k][1] if r[k] else None for k in keys] for r in table}
         plots += [lines_svg(rate, xs, "concepts erased at once", "concept rate"),
                   lines_svg(kept, xs, "concepts erased at once", "retained accuracy")]
-    doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-           f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-           f"<h2>Comparison</h2>{_table_html(table, columns)}{_robustness_html(cells)}"
-           f"<h2>Plots</h2><div class=\"plots\">{''.join(plots)}</div>"
-           f"<h2>Images: base vs erased, same prompts and seeds</h2>{_grids(out, cells)}</body></html>")
-    path = out / "report.html"
+    return plots
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+
+
+def _details(out: Path, table, cells, multi_sets, h: str = "h2") -> str:
+    """Plots and image grids of one grid."""
+    return (f"<{h}>Plots</{h}><div class=\"plots\">{''.join(_plots(table, multi_sets))}</div>"
+            f"<{h}>Images: base vs erased, same prompts and seeds</{h}>{_grids(out, cells, f'h{int(h[1]) + 1}')}")
+
+
+def _write(path: Path, doc: str) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(doc, encoding="utf-8")
     return path
+
+
+def write_report(out: str | Path, table: list[dict[str, Any]], cells: list[dict[str, Any]],
+                 multi_sets: dict[str, list[str]], *, title: str = "efface benchmark", columns=COLUMNS) -> Path:
+    """Write ``out/report.html`` atomically and return its path (``columns``: the table's)."""
+    out = Path(out)
+    body = f"<h2>Comparison</h2>{_table_html(table, columns)}{_robustness_html(cells)}{_details(out, table, cells, multi_sets)}"
+    return _write(out / "report.html", _page(title, body))
+
+
+def write_models_report(out: str | Path, combined: list[dict[str, Any]], robust, sections, *,
+                        title: str = "efface benchmark") -> Path:
+    """``out/report.html`` of a several-model bench (:mod:`efface.benchmark.models`): every model's rows in
+    one table with a model column, the robustness table likewise, then each model's plots and images.
+    ``robust``: per model, (attacks, per-attack rows with ``model``); ``sections``: per model, (label,
+    its output folder, table, cells, multi_sets)."""
+    from efface.benchmark.models import model_columns, robustness_union
+
+    out = Path(out)
+    attacks, rtable = robustness_union(robust)
+    body = f"<h2>Comparison</h2>{_table_html(combined, model_columns(COLUMNS))}"
+    if attacks:
+        body += f"<h2>Robustness</h2>{_table_html(rtable, model_columns(robustness_columns(attacks)))}"
+    for label, sub, table, cells, multi_sets in sections:
+        body += f"<h2>{html.escape(label)}</h2>{_details(Path(sub), table, cells, multi_sets, h='h3')}"
+    return _write(out / "report.html", _page(title, body))

@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the method x concept grid; writes results.json, table.md, report.html",
                        description="Erase every concept with every method (and several concepts at once), "
                                    "evaluate each cell, fill the comparison table and write the report. Finished "
-                                   "cells are cached in --out: rerun the same command to resume.")
+                                   "cells are cached in --out: rerun the same command to resume. Several models "
+                                   "(--model toy,toy-flux) run one after another into --out/<model>/, and "
+                                   "--out's table and report compare them with a model column.")
     p.add_argument("--seed", type=int, default=0, help="seed of every erasure and evaluation (default: 0)")
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
     cfg.add_options(p, BenchConfig, group="grid")

@@ -13,8 +13,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     defaults = {k: v.default for k, v in inspect.signature(load_pipeline).parameters.items()}
     g = p.add_argument_group("model")
     g.add_argument("--model", default="toy",
-                   help="'toy' (bundled toy-sd), a diffusers directory, a single-file .safetensors "
-                        "checkpoint, or a hub id already in the local cache (default: toy)")
+                   help="'toy' (bundled toy-sd), 'toy-flux', a diffusers directory, a single-file .safetensors "
+                        "checkpoint, or a hub id already in the local cache; efface bench takes several, "
+                        "comma-separated (default: toy)")
     g.add_argument("--device", default=defaults["device"], help=f"cpu, cuda, cuda:N, mps or auto (default: {defaults['device']})")
     g.add_argument("--dtype", default=defaults["dtype"], help=f"fp32, fp16 or bf16 (default: {defaults['dtype']})")
     g.add_argument("--config", default=defaults["config"],
@@ -29,8 +30,9 @@ def _refuse_existing(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, model: str | None = None):
+    """The pipeline of ``model`` (default: ``--model``) with the command's model options."""
     from efface.models.loading import load_pipeline
 
-    return load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+    return load_pipeline(model or args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
                          config=args.config)

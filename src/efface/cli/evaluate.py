@@ -37,11 +37,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, bench, evaluation, **kwargs) -> tuple[str, Path]:
-    """Check the grid (unknown method or concept: fail before loading), run it, write the outputs."""
+    """Check the grid (unknown method or concept: fail before loading), run it, write the outputs.
+    Several models (``--model toy,toy-flux``): every model's grid checked first, then run one after another."""
     from efface.benchmark.grid import bench_and_report
+    from efface.benchmark.models import bench_models, model_list
 
-    _check_presets(args, bench)
+    models = model_list(args.model)
+    for model in models:
+        _check_presets(args, bench, model)
     bench.concept_list(), bench.attack_list()
+    if len(models) > 1:
+        return bench_models(models, lambda m: _load(args, m), args.out, bench, evaluation, seed=args.seed,
+                            progress=not args.quiet, **kwargs)
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
     return bench_and_report(pipe, args.out, bench, evaluation, seed=args.seed, progress=not args.quiet, **kwargs)
@@ -67,6 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tuple[str, Path]:
     """A real-model protocol: model path, prompt file, judges and methods checked before loading."""
+    from efface.benchmark.models import model_list
     from efface.benchmark.protocol import check_model, prepare, run_protocol_bench
 
     protocol.spec()
@@ -74,6 +82,8 @@ def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tu
         raise InputError("--attacks runs on the toy grid only for now; against a real model run efface attack "
                          "--model M --erased DIR --attack A --concept nudity --prompt ... (--threshold sets "
                          "NudeNet's threshold there too)")
+    if len(model_list(args.model)) > 1:
+        raise InputError("--protocol benchmarks one --model at a time; run it once per model with its own --out")
     check_model(args.model)
     _check_presets(args, bench)
     prepared = prepare(protocol)
@@ -82,12 +92,12 @@ def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tu
     return run_protocol_bench(pipe, args.out, prepared, bench, evaluation, seed=args.seed, progress=not args.quiet)
 
 
-def _check_presets(args: argparse.Namespace, bench) -> None:
+def _check_presets(args: argparse.Namespace, bench, model: str | None = None) -> None:
     """Unknown methods, and a preset the model cannot take (``toy`` on a real model), fail before loading."""
     from efface.toy.presets import method_setup
 
     for method in bench.method_list():
-        method_setup(method, args.model, bench.preset or None)
+        method_setup(method, model or args.model, bench.preset or None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -66,13 +66,17 @@ Differences from the official code, and why:
 Families: **sd** (SD 1.x / 2.x) and **sdxl**, the same closed forms over every cross-attention
 ``to_k`` / ``to_v`` (on SDXL they read the concatenated CLIP-L / bigG states, so ``c'`` is a
 2048-d sequence; the pooled path stays unedited, as in UCE on SDXL). The official code is SD 1.4
-only. **sd3** and **flux** are refused (``family_notes``): there the text enters through one
-sequence map, ``context_embedder``, whose input is at least as wide as its output (4096 to 3072
-on FLUX.1, to 1536 on SD3 medium), so after any edit an embedding with exactly the original
-outputs exists: the derivation constrains nothing and the rounds would not converge (on UNets
-the K / V layers together have many more outputs than inputs, which is what makes ``c'`` a
-finding). Every distinct prompt is encoded once, in batches, the UCE stage's encodings shared with
-the rounds (both read whole padded prompts with the default ``uce_tokens="all"``). Measured on an
+only. **sd3** and **flux** (efface's adaptation; no official code): UCE's stage edits the UCE-Flux
+sites (``context_embedder`` and the pooled text embedder), and the rounds derive ``c'`` through the
+one map that reads the token sequence, ``context_embedder`` (``W c + b``; the bias is kept by every
+edit, so it cancels from the derivation), and edit only that map. Where that map is at least as
+wide in as out (FLUX.1: 4096 to 3072; SD3 medium: to 1536) an embedding with *exactly* the
+original outputs exists after any edit: each round then erases that exact pre-image (its norm held
+by ``regular_scale``), the rounds add one constraint each and cannot reach a model without one.
+On UNets the K / V layers together have many more outputs than inputs, so ``c'`` is a
+least-squares finding, as it is on toy-flux (64 to 128). Every distinct prompt is encoded once,
+in batches, the UCE stage's encodings shared with the rounds (both read whole padded prompts with
+the default ``uce_tokens="all"``). Measured on an
 SD 1.4-sized model: docs/erasure.md, "Closed forms at scale".
 
 >>> erased = erase(pipe, "rece", ["nudity"], epochs=3, regular_scale=0.1)    # doctest: +SKIP
@@ -200,14 +204,7 @@ class RECE(ErasureMethod[RECEConfig]):
 
     Config = RECEConfig
     paper = "Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models (Gong et al., ECCV 2024), arXiv 2407.12383"
-    families = frozenset({"sd", "sdxl"})
-    family_notes = {
-        f: "RECE's derivation needs many projections reading one embedding (UNets: every cross-attention "
-           f"K / V); {f}'s text enters through one map at least as wide in as out (context_embedder), so an "
-           "embedding with the original outputs exists exactly after any edit and the rounds cannot converge "
-           "(the official code is SD 1.4 only); use uce"
-        for f in ("sd3", "flux")
-    }
+    families = frozenset({"sd", "sdxl", "sd3", "flux"})
     parameter_set = "text_input"
     lora_export = "exact"  # closed forms (UCE's, each round): the change at its exact numerical rank, untruncated
     preserves = True
@@ -250,5 +247,5 @@ class RECE(ErasureMethod[RECEConfig]):
         for epoch in range(cfg.epochs):
             r = self.derivation_map(pipe, originals)  # derived embeddings c' = c R
             editor.edit(pipe, {"sequence": Grams(r.T @ cc @ r, gc @ r, pp)},
-                        originals=originals if cfg.guide_values == "original" else None)
+                        originals=originals if cfg.guide_values == "original" else None, reads=("sequence",))
             log.info("rece: epoch %d/%d done", epoch + 1, cfg.epochs)

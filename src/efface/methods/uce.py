@@ -285,18 +285,22 @@ class UCE(ErasureMethod[UCEConfig]):
     preserves = True
 
     @torch.no_grad()
-    def edit(self, pipe, keys: dict[str, SiteKeys | Grams], originals: dict[str, torch.Tensor] | None = None) -> None:
+    def edit(self, pipe, keys: dict[str, SiteKeys | Grams], originals: dict[str, torch.Tensor] | None = None,
+             *, reads: tuple[str, ...] | None = None) -> None:
         """Solve and write every edit site of the family (``family.edit_sites``) in place, each with
         the keys of what it reads (``keys["sequence"]``, ``keys["pooled"]``; stacked keys or their
         :class:`Grams`): one solve per kind of input for all concepts and layers (:func:`edit_maps`),
         then one matrix product per layer. Guide values are computed with ``originals`` (default:
         the current weights), so that later edits (RECE) can keep mapping onto the original model's
         values; preserved keys keep their current values. Values are the weight's alone: a site's
-        bias (SD3, Flux) stays, so its output ``W c + b`` maps onto the guide's ``W_old c_guide + b``."""
+        bias (SD3, Flux) stays, so its output ``W c + b`` maps onto the guide's ``W_old c_guide + b``.
+        ``reads``: edit only the sites that read these inputs (default: every site, each needing keys)."""
         cfg = self.config
         dtype = getattr(torch, cfg.solve_dtype)
         shared: dict[tuple[str, torch.device], tuple[torch.Tensor, ...]] = {}
         for site in family_of(pipe).edit_sites(pipe):
+            if reads is not None and site.reads not in reads:
+                continue
             if site.reads not in keys:
                 raise KeyError(f"no {site.reads!r} keys for the edit site {site.key}")
             param = get_parameter(pipe, site.key)

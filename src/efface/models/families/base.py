@@ -364,8 +364,9 @@ class Family:
         """The noise the model output ``out`` at ``(x_t, t)`` stands for (epsilon models: ``out``)."""
         raise NotImplementedError
 
-    def generation_kwargs(self, guidance: float, negative_prompt: str | None) -> dict:
-        """``pipe(...)`` keyword arguments for classifier-free guidance ``guidance``."""
+    def generation_kwargs(self, pipe, guidance: float, negative_prompt: str | None) -> dict:
+        """``pipe(...)`` keyword arguments for classifier-free guidance ``guidance`` (and whatever else
+        the pipeline must be told to encode and sample as the family does)."""
         return {"guidance_scale": guidance, "negative_prompt": negative_prompt}
 
 

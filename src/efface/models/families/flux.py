@@ -85,6 +85,12 @@ class Flux(FlowFamily):
         kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps).tolist()  # as FluxPipeline
         return kwargs
 
-    def generation_kwargs(self, guidance: float, negative_prompt: str | None) -> dict:
+    def generation_kwargs(self, pipe, guidance: float, negative_prompt: str | None) -> dict:
+        # T5 padded as the family encodes: FluxPipeline's own default (512) would pad a shorter
+        # tokenizer's prompts far past what the model was trained on (T5 runs without a mask)
         return {"true_cfg_scale": guidance, "negative_prompt": negative_prompt or "",
-                "guidance_scale": self.distilled_guidance}
+                "guidance_scale": self.distilled_guidance, "max_sequence_length": self.max_sequence_length(pipe)}
+
+    def image_seq_len(self, pipe) -> int:
+        _, h, w = self.latent_shape(pipe)
+        return (h // 2) * (w // 2)  # packed 2 x 2 tokens, as FluxPipeline's dynamic shift counts them
