@@ -118,10 +118,10 @@ def test_doco_runs_on_sdxl_through_the_seam(family_pipe):
     assert all(torch.equal(again.tensors[k], v) for k, v in erased.tensors.items())
 
 
-def test_doco_refuses_flow_matching_families():
+def test_doco_declares_flux_and_refuses_sd3():
     from efface.methods.doco import DoCo
 
-    assert DoCo.families == {"sd", "sdxl"} and {"sd3", "flux"} <= set(DoCo.family_notes)
+    assert DoCo.families == {"sd", "sdxl", "flux"} and set(DoCo.family_notes) == {"sd3"}
 
 
 def test_doco_anchors_are_deterministic_dpm_solver_samples(family_pipe):

@@ -62,10 +62,12 @@ Model families: ``sd`` (the official code's SD 1.x; on v-prediction checkpoints,
 (the same losses through the family seam: prompts carry both encoders' states and the pooled
 embedding; ``xattn_kv`` is the UNet's cross-attention ``to_k`` / ``to_v``, so the pooled path,
 ``add_embedding``, is not trained: ``parameters="all"`` trains it too; checked on the tiny SDXL
-pipeline of the tests, not on a real SDXL). On ``sd3`` / ``flux`` the same code computes the
-flow-matching x0 (``x_t - sigma v``, the seam's ``predicted_x0``), but those families are not
-declared yet: on the tiny SD3 pipeline the preserved concept moves as much as the target
-(``DoCo.family_notes``).
+pipeline of the tests, not on a real SDXL). On ``flux`` (efface's adaptation; the paper and code
+are SD 1.x) the same losses run through the seam with the flow-matching x0 (``x_t - sigma v``, the
+seam's ``predicted_x0``) and ``xattn_kv`` is what the text is projected to (the double blocks'
+``add_k_proj`` / ``add_v_proj``, the single blocks' shared ``to_k`` / ``to_v``); measured on
+toy-flux (docs/erasure.md). ``sd3`` is not declared yet: on the tiny SD3 pipeline the preserved
+concept moves as much as the target (``DoCo.family_notes``).
 """
 
 from __future__ import annotations
@@ -206,11 +208,10 @@ class DoCo(ConceptAblation):
              "Gradient (Wu et al., AAAI 2025), arXiv 2405.15304")
     preserves = True
     named_anchor = True  # built on CA: a named anchor concept ("painting" for "van gogh")
-    families = frozenset({"sd", "sdxl"})  # not yet CA's four (below)
-    family_notes = {f: ("the flow-matching form runs through the seam (x0 = x_t - sigma v) but is not offered yet: on "
-                        "the tiny SD3 pipeline of the contract tests its preservation term does not hold the preserved "
-                        "concept (it moves as much as the target); it waits for a trained flow-matching toy model")
-                    for f in ("sd3", "flux")}
+    families = frozenset({"sd", "sdxl", "flux"})  # not yet SD3 (below)
+    family_notes = {"sd3": ("the flow-matching form runs through the seam (x0 = x_t - sigma v) but is not offered yet on "
+                            "SD3: on the tiny SD3 pipeline of the contract tests its preservation term does not hold the "
+                            "preserved concept (it moves as much as the target); on Flux it is measured on toy-flux")}
 
     def _preserve_prompts(self, request: ErasureRequest, tokenizers) -> list[str]:
         """Prompts of the preserved concepts that are not anchors, in every template that fits (every
