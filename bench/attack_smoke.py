@@ -136,7 +136,8 @@ def main() -> int:
     parser.add_argument("--model", default="toy", choices=(*ALIASES, *TOY_MODELS),
                         help="the toy model (toy = toy-sd)")
     parser.add_argument("--methods", default="uce,esd-x")
-    parser.add_argument("--attacks", default=",".join(ATTACKS.names()))
+    parser.add_argument("--attacks", default=None, help="comma-separated (default: every attack that supports "
+                                                        "the model's family)")
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--n", type=int, default=16, help="prompts attacked per method")
     parser.add_argument("--seed", type=int, default=0)
@@ -153,6 +154,11 @@ def main() -> int:
     original.set_progress_bar_config(disable=True)
     judge, features = toy_judge(), toy_features()
     prompts = toy_prompts(args.concept, args.n, args.seed)
+    if args.attacks is None:
+        from efface.models.families import family_of
+
+        family = family_of(original).name
+        args.attacks = ",".join(a for a in ATTACKS.names() if family in ATTACKS.get(a).families)
     rows = []
     print(f"{'method':<12} {'attack':<18} {'pre-ASR':>8} {'ASR':>6} {'95% interval':>14} {'seconds':>8}", flush=True)
     for spec in args.methods.split(","):

@@ -268,7 +268,7 @@ class ReceLer(ErasureMethod[ReceLerConfig]):
         tok = family.sequence_tokenizer(pipe)
         sides = attention_sides(pipe)
         if cfg.concept_reg_weight > 0 and cfg.mask_resolution not in sides:
-            raise InputError(f"mask_resolution={cfg.mask_resolution}: this UNet's cross-attention maps are "
+            raise InputError(f"mask_resolution={cfg.mask_resolution}: this model's attention maps are "
                              f"{sorted(sides)} wide at its sample size; choose one of them")
         if cfg.adversarial_steps:
             room = tok.model_max_length

@@ -164,9 +164,11 @@ ATTACK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {"toy-sd": {
 }}
 
 
-# toy-flux: provisional, toy-sd's tables (CPU-sized budgets) until each is measured on toy-flux
-# with bench/erasure_smoke.py --model toy-flux (issue 15); an entry that must differ replaces its row.
+# toy-flux: toy-sd's tables (CPU-sized budgets), measured on toy-flux with bench/erasure_smoke.py
+# --model toy-flux (docs/erasure.md, "On toy-flux"); an entry that must differ replaces its row.
 METHOD_PRESETS["toy-flux"] = dict(METHOD_PRESETS["toy-sd"])
+# toy-flux's attention maps are 4 x 4 (16 packed image tokens), not toy-sd's 8 x 8
+METHOD_PRESETS["toy-flux"]["receler"] = {**METHOD_PRESETS["toy-sd"]["receler"], "mask_resolution": 4}
 ATTACK_PRESETS["toy-flux"] = dict(ATTACK_PRESETS["toy-sd"])
 
 def toy_model(model) -> str | None:
