@@ -157,8 +157,7 @@ def main() -> int:
     if args.attacks is None:
         from efface.models.families import family_of
 
-        family = family_of(original).name
-        args.attacks = ",".join(a for a in ATTACKS.names() if family in ATTACKS.get(a).families)
+        args.attacks = ",".join(ATTACKS.supporting(family_of(original).name))
     rows = []
     print(f"{'method':<12} {'attack':<18} {'pre-ASR':>8} {'ASR':>6} {'95% interval':>14} {'seconds':>8}", flush=True)
     for spec in args.methods.split(","):

@@ -94,8 +94,7 @@ def main() -> int:
         return 0
     pipe = _pipe(args.model)
     if args.methods is None:
-        family = family_of(pipe).name
-        args.methods = ",".join(m for m in METHODS.names() if family in METHODS.get(m).families)
+        args.methods = ",".join(METHODS.supporting(family_of(pipe).name))
     base = concept_rates(pipe, ToyClassifier.load(CLASSIFIER), args.concept, n=args.n, seed=args.seed,
                          config=CONFIG)
     print(f"{'method':<14} {'train rate':>10} {'held-out':>9} {'others':>7} {'seconds':>8} {'peak MB':>8} "

@@ -45,6 +45,10 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         return [(n, self._entries[n]) for n in self.names()]
 
+    def supporting(self, family: str) -> list[str]:
+        """The names whose class declares model family ``family`` (its ``families``)."""
+        return [n for n, obj in self.items() if family in getattr(obj, "families", ())]
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

@@ -207,9 +207,17 @@ def bench_and_report(pipe, out: str | Path, config: BenchConfig | None = None,
                      eval_config: EvalConfig | None = None, *, seed: int = 0, progress: bool = True,
                      options: dict[str, dict] | None = None, title: str = "efface benchmark") -> tuple[str, Path]:
     """:func:`run_bench`, then ``table.md`` and ``report.html``; returns the table and the report's path."""
+    results = run_bench(pipe, out, config, eval_config, seed=seed, progress=progress, options=options)
+    text, report, _ = report_bench(out, results, title=title)
+    return text, report
+
+
+def report_bench(out: str | Path, results: dict[str, Any], *, title: str) -> tuple[str, Path, list[dict[str, Any]]]:
+    """``table.md`` and ``report.html`` of :func:`run_bench`'s ``results`` under ``out``; returns the
+    table's text, the report's path and the table's rows."""
     from efface.benchmark.table import markdown, robustness_markdown, rows
 
-    results = run_bench(pipe, out, config, eval_config, seed=seed, progress=progress, options=options)
     table = rows(results["cells"], results["multi_sets"])
     text = markdown(table, title=title) + robustness_markdown(results["cells"])
-    return text, write_table_and_report(Path(out), text, table, results["cells"], results["multi_sets"], title=title)
+    return text, write_table_and_report(Path(out), text, table, results["cells"], results["multi_sets"],
+                                        title=title), table

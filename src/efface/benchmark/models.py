@@ -42,25 +42,16 @@ def _folder(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
 
-def with_model(label: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with a ``model`` entry first."""
-    return [{"model": label, **r} for r in rows]
-
-
-def model_columns(columns) -> tuple[tuple[str, str], ...]:
-    """``columns`` with the model column first."""
-    return (("model", "model"), *columns)
-
-
 def bench_models(models: list[str], load: Callable[[str], Any], out: str | Path, config=None, eval_config=None, *,
                  seed: int = 0, progress: bool = True, options: dict[str, dict] | None = None,
                  title: str = "efface benchmark") -> tuple[str, Path]:
     """:func:`efface.benchmark.grid.run_bench` on every model (``load(model)`` gives its pipeline), each into
     ``out/<model>/``; then the combined ``table.md`` and ``report.html`` under ``out``. Returns the
     combined table's text and the report's path."""
-    from efface.benchmark.grid import run_bench, write_table_and_report
+    from efface.benchmark.grid import report_bench, run_bench
     from efface.benchmark.report import write_models_report
-    from efface.benchmark.table import COLUMNS, LEGEND, markdown, robustness_markdown, robustness_rows, rows
+    from efface.benchmark.table import (COLUMNS, markdown, model_columns, robustness_rows, robustness_section,
+                                        robustness_union, with_model)
 
     out = Path(out)
     labels = [model_label(m) for m in models]
@@ -72,32 +63,14 @@ def bench_models(models: list[str], load: Callable[[str], Any], out: str | Path,
         pipe.set_progress_bar_config(disable=True)
         sub = out / _folder(label)
         results = run_bench(pipe, sub, config, eval_config, seed=seed, progress=progress, options=options)
-        del pipe
-        table = rows(results["cells"], results["multi_sets"])
-        text = markdown(table, title=f"{title}: {label}") + robustness_markdown(results["cells"])
-        write_table_and_report(sub, text, table, results["cells"], results["multi_sets"], title=f"{title}: {label}")
+        del pipe  # only one model in memory: the next is loaded after this one is gone
+        _, _, table = report_bench(sub, results, title=f"{title}: {label}")
         sections.append((label, sub, table, results["cells"], results["multi_sets"]))
         combined += with_model(label, table)
         attacks, per_attack = robustness_rows(results["cells"])
         robust.append((attacks, with_model(label, per_attack)))
-    text = markdown(combined, title=title, columns=model_columns(COLUMNS), legend=LEGEND) + _robustness_text(robust)
+    text = (markdown(combined, title=title, columns=model_columns(COLUMNS))
+            + robustness_section(*robustness_union(robust), model=True))
     with atomic_file(out / "table.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
     return text, write_models_report(out, combined, robust, sections, title=title)
-
-
-def robustness_union(robust: list[tuple[list[str], list[dict[str, Any]]]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Every model's per-attack rows in one list, over the union of the attacks (a row lacking one: None)."""
-    attacks = list(dict.fromkeys(a for names, _ in robust for a in names))
-    table = [{a: None for a in attacks} | r for _, rs in robust for r in rs]
-    return attacks, table
-
-
-def _robustness_text(robust) -> str:
-    from efface.benchmark.table import ROBUSTNESS_LEGEND, markdown, robustness_columns
-
-    attacks, table = robustness_union(robust)
-    if not attacks:
-        return ""
-    return "## Robustness\n\n" + markdown(table, columns=model_columns(robustness_columns(attacks)),
-                                          legend=ROBUSTNESS_LEGEND)

@@ -11,7 +11,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-from efface.benchmark.table import COLUMNS, fmt, robustness_columns, robustness_rows
+from efface.benchmark.table import (COLUMNS, fmt, model_columns, robustness_columns, robustness_rows,
+                                    robustness_union)
 from efface.io import atomic_file
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
@@ -158,8 +159,6 @@ def write_models_report(out: str | Path, combined: list[dict[str, Any]], robust,
     one table with a model column, the robustness table likewise, then each model's plots and images.
     ``robust``: per model, (attacks, per-attack rows with ``model``); ``sections``: per model, (label,
     its output folder, table, cells, multi_sets)."""
-    from efface.benchmark.models import model_columns, robustness_union
-
     out = Path(out)
     attacks, rtable = robustness_union(robust)
     body = f"<h2>Comparison</h2>{_table_html(combined, model_columns(COLUMNS))}"

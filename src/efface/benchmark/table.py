@@ -73,10 +73,35 @@ ROBUSTNESS_LEGEND = ("pre-ASR: fraction of the concept's prompts still showing i
 
 def robustness_markdown(cells: list[dict[str, Any]]) -> str:
     """The per-attack ASR table ("" without attacks)."""
-    attacks, table = robustness_rows(cells)
+    return robustness_section(*robustness_rows(cells))
+
+
+def robustness_section(attacks: list[str], table: list[dict[str, Any]], *, model: bool = False) -> str:
+    """The "Robustness" markdown of per-attack rows ("" without attacks; ``model``: a model column first)."""
     if not attacks:
         return ""
-    return "## Robustness\n\n" + markdown(table, columns=robustness_columns(attacks), legend=ROBUSTNESS_LEGEND)
+    columns = robustness_columns(attacks)
+    return "## Robustness\n\n" + markdown(table, columns=model_columns(columns) if model else columns,
+                                          legend=ROBUSTNESS_LEGEND)
+
+
+# Several models in one bench (efface.benchmark.models): every row carries its model.
+def with_model(label: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with a ``model`` entry first."""
+    return [{"model": label, **r} for r in rows]
+
+
+def model_columns(columns) -> tuple[tuple[str, str], ...]:
+    """``columns`` with the model column first."""
+    return (("model", "model"), *columns)
+
+
+def robustness_union(robust: list[tuple[list[str], list[dict[str, Any]]]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every model's per-attack rows (``robust``: per model, its attacks and rows) in one list, over the
+    union of the attacks (a row lacking one: None)."""
+    attacks = list(dict.fromkeys(a for names, _ in robust for a in names))
+    table = [{a: None for a in attacks} | r for _, rs in robust for r in rs]
+    return attacks, table
 
 
 def rows(cells: list[dict[str, Any]], multi_sets: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:

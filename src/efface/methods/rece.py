@@ -76,8 +76,8 @@ by ``regular_scale``), the rounds add one constraint each and cannot reach a mod
 On UNets the K / V layers together have many more outputs than inputs, so ``c'`` is a
 least-squares finding, as it is on toy-flux (64 to 128). Every distinct prompt is encoded once,
 in batches, the UCE stage's encodings shared with the rounds (both read whole padded prompts with
-the default ``uce_tokens="all"``). Measured on an
-SD 1.4-sized model: docs/erasure.md, "Closed forms at scale".
+the default ``uce_tokens="all"``). Measured on an SD 1.4-sized model: docs/erasure.md, "Closed
+forms at scale".
 
 >>> erased = erase(pipe, "rece", ["nudity"], epochs=3, regular_scale=0.1)    # doctest: +SKIP
 >>> erased = erase(pipe, "rece", ["Kelly McKernan"], anchor="art", epochs=1, regular_scale=1e-3)  # doctest: +SKIP

@@ -94,9 +94,10 @@ def train_toy_flux(recipe: ToyRecipe, work: str | Path, out: str | Path, *, base
         )
         pipe.save_pretrained(tmp, safe_serialization=True)
         times = json.loads((work / "times.json").read_text())
+        stages = ("data", "t5_tokenizer", "t5_encoder", "base_latents", "transformer")
         summary = {"recipe": {k: v for k, v in asdict(recipe).items() if k.startswith(("seed", "n_", "t5_", "flux_"))},
-                   "base": "bundled toy-sd" if base.resolve() == TOY_SD.resolve() else str(base), "seconds": {k: times[k] for k in ("data", "t5_tokenizer", "t5_encoder",
-                                                                         "base_latents", "transformer") if k in times},
+                   "base": "bundled toy-sd" if base.resolve() == TOY_SD.resolve() else str(base),
+                   "seconds": {k: times[k] for k in stages if k in times},
                    "torch_threads": torch.get_num_threads()}
         (tmp / "training.json").write_text(json.dumps(summary, indent=2))
     return out

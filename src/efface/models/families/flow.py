@@ -119,9 +119,21 @@ class FlowFamily(Family):
     def predicted_noise(self, pipe, x_t: torch.Tensor, t, out: torch.Tensor) -> torch.Tensor:
         return (x_t.float() + (1 - self.sigma(pipe, t, x_t)) * out.float()).to(out.dtype)
 
+    def image_patch(self, pipe) -> int:
+        """The side of the latent patch one image token covers."""
+        raise NotImplementedError
+
     def image_seq_len(self, pipe) -> int:
+        """Image tokens, as the pipelines' dynamic shift counts them."""
         _, h, w = self.latent_shape(pipe)
-        return h * w
+        p = self.image_patch(pipe)
+        return (h // p) * (w // p)
+
+    def generation_kwargs(self, pipe, guidance: float, negative_prompt: str | None) -> dict:
+        # T5 padded as the family encodes: the pipelines' own defaults (Flux 512, SD3 256) would pad a
+        # shorter tokenizer's prompts far past what the model was trained on (T5 runs without a mask)
+        return {**super().generation_kwargs(pipe, guidance, negative_prompt),
+                "max_sequence_length": self.max_sequence_length(pipe)}
 
     solvers: ClassVar[tuple[str, ...]] = ("euler",)
 

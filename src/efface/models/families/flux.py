@@ -86,11 +86,8 @@ class Flux(FlowFamily):
         return kwargs
 
     def generation_kwargs(self, pipe, guidance: float, negative_prompt: str | None) -> dict:
-        # T5 padded as the family encodes: FluxPipeline's own default (512) would pad a shorter
-        # tokenizer's prompts far past what the model was trained on (T5 runs without a mask)
-        return {"true_cfg_scale": guidance, "negative_prompt": negative_prompt or "",
-                "guidance_scale": self.distilled_guidance, "max_sequence_length": self.max_sequence_length(pipe)}
+        return {**super().generation_kwargs(pipe, guidance, negative_prompt), "true_cfg_scale": guidance,
+                "negative_prompt": negative_prompt or "", "guidance_scale": self.distilled_guidance}
 
-    def image_seq_len(self, pipe) -> int:
-        _, h, w = self.latent_shape(pipe)
-        return (h // 2) * (w // 2)  # packed 2 x 2 tokens, as FluxPipeline's dynamic shift counts them
+    def image_patch(self, pipe) -> int:
+        return 2  # latents packed 2 x 2

@@ -61,11 +61,5 @@ class SD3(FlowFamily):
         return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
                         pooled_projections=cond.pooled, return_dict=False)[0]
 
-    def image_seq_len(self, pipe) -> int:
-        _, h, w = self.latent_shape(pipe)
-        p = int(self.denoiser(pipe).config.patch_size)
-        return (h // p) * (w // p)  # patch tokens, as SD3Pipeline's dynamic shift counts them
-
-    def generation_kwargs(self, pipe, guidance: float, negative_prompt: str | None) -> dict:
-        return {"guidance_scale": guidance, "negative_prompt": negative_prompt,
-                "max_sequence_length": self.max_sequence_length(pipe)}  # T5 padded as the family encodes
+    def image_patch(self, pipe) -> int:
+        return int(self.denoiser(pipe).config.patch_size)
