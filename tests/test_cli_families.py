@@ -40,9 +40,9 @@ def test_erase_then_generate_erased_on_every_family(family, method, family_dirs,
 
 
 def test_a_family_the_method_does_not_support_is_refused_before_work(family_dirs, tmp_path, caplog):
-    code = main(["erase", "--model", str(family_dirs("flux")), "--method", "mace", "--concept", "circle",
+    code = main(["erase", "--model", str(family_dirs("sd3")), "--method", "mace", "--concept", "circle",
                  "--out", str(tmp_path / "o")])
-    assert code == 2 and "supports sd" in caplog.text and "not flux" in caplog.text
+    assert code == 2 and "supports flux, sd" in caplog.text and "not sd3" in caplog.text
     assert not (tmp_path / "o").exists()
 
 

@@ -16,10 +16,11 @@ from conftest import build_tiny_pipeline
 
 from efface.errors import InputError
 from efface.methods.base import ErasureRequest
-from efface.methods.mace import (MACE, ClosedFormStats, cfr_map, concept_positions, cooccurring_indices, fuse,
-                                 fused_weight, fusion_maps, lora_keys)
+from efface.methods.mace import MACE, concept_positions
+from efface.methods.mace_closed_forms import (ClosedFormStats, cfr_map, cooccurring_indices, fuse, fused_weight,
+                                              fusion_maps, lora_keys)
 from efface.methods.uce import uce_solve
-from efface.methods.mace_attention import AttentionLoss, LoRA, attention_processors, importance_weights
+from efface.methods.mace_attention import AttentionLoss, attention_processors, importance_weights, lora_hooks, make_loras
 from efface.methods.prompts import fill
 from efface.models.diffusion import add_noise, predict
 from efface.models.params import select
@@ -58,7 +59,7 @@ def test_cfr_keys_are_the_words_around_the_concept(tiny, before, after, concept,
     ids_new = tok(new, padding="max_length", max_length=tok.model_max_length).input_ids
     assert len(i_old) == len(i_new) and max(i_old + i_new) < tok.model_max_length
     assert [ids_old[i] for i in i_old] == [ids_new[i] for i in i_new]  # the same words, aligned
-    pos = concept_positions(tok, template, concept, use_pooler=False)
+    pos = concept_positions(tiny, template, concept, use_pooler=False)
     span = set(torch.nonzero(pos).flatten().tolist())
     assert len(span) == len(tok(concept, add_special_tokens=False).input_ids)
     if not anchor:  # nothing shared with the anchor: the concept's tokens are never keys
@@ -177,7 +178,7 @@ def test_attention_loss_is_zero_when_the_mask_covers_nothing_and_grows_with_it(t
     x_t = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([300, 300])
     emb = encode(tiny, ["a red circle", "circle"])
-    positions = torch.stack([concept_positions(tiny.tokenizer, t_, "circle", True) for t_ in ("a red {}", "{}")])
+    positions = torch.stack([concept_positions(tiny, t_, "circle", True) for t_ in ("a red {}", "{}")])
     empty = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
     half = empty.clone()
     half[..., :16] = True
@@ -197,7 +198,7 @@ def test_lora_training_lowers_the_attention_loss(tiny):
     deltas = mace.train_lora(tiny, "circle", x0, masks, gen, progress=False)
     templates = mace.config.templates
     emb = encode(tiny, [fill(tt, "circle") for tt in templates])
-    positions = torch.stack([concept_positions(tiny.tokenizer, tt, "circle", True) for tt in templates])
+    positions = torch.stack([concept_positions(tiny, tt, "circle", True) for tt in templates])
     g = torch.Generator().manual_seed(5)
     draws = []
     for _ in range(12):
@@ -226,13 +227,14 @@ def test_processors_reproduce_diffusers_and_are_restored(tiny):
     before = {k: type(p) for k, p in tiny.unet.attn_processors.items()}
     with torch.no_grad():
         base = tiny.unet(x, 500, encoder_hidden_states=emb).sample
-        loras = {n: (LoRA(8, m.to_k.out_features, 1, g), LoRA(8, m.to_v.out_features, 1, g))
-                 for n, m in tiny.unet.named_modules() if n.endswith("attn2")}  # B = 0: no change yet
-        with attention_processors(tiny, loras):
+        loras = make_loras(tiny, 1, g)  # B = 0: no change yet
+        assert set(loras) == set(select(tiny, "xattn_kv"))
+        with lora_hooks(tiny, loras), attention_processors(tiny, lambda *a: None):
             same = tiny.unet(x, 500, encoder_hidden_states=emb).sample
     torch.testing.assert_close(same, base, atol=1e-5, rtol=1e-5)
     assert {k: type(p) for k, p in tiny.unet.attn_processors.items()} == before
     assert not any("lora" in n or "down" == n.rsplit(".", 1)[-1] for n, _ in tiny.unet.named_parameters())
+    assert not any(m._forward_hooks for m in tiny.unet.modules())
 
 
 def test_generated_images_get_attention_masks_or_the_injected_segmenter(tiny):
@@ -319,5 +321,5 @@ def test_the_toy_source_draws_the_same_images_as_before(tiny):
 def test_sdxl_is_refused_before_work_with_the_reason(family_pipe):
     from efface.methods import erase
 
-    with pytest.raises(InputError, match="mace supports sd models, not sdxl: .*pooled"):
+    with pytest.raises(InputError, match="mace supports flux, sd models, not sdxl: .*pooled"):
         erase(family_pipe("sdxl"), "mace", ["circle"], progress=False)

@@ -10,7 +10,8 @@ import torch
 from conftest import build_tiny_pipeline
 
 from efface.errors import InputError
-from efface.methods.mace import MACE, ClosedFormStats, cfr_map, fuse
+from efface.methods.mace import MACE
+from efface.methods.mace_closed_forms import ClosedFormStats, cfr_map, fuse
 from efface.models.params import select
 
 F64 = torch.float64
@@ -56,7 +57,7 @@ def test_refine_minimises_the_cfr_objective_of_its_recipe(tiny, recipe):
     stats, (k, s, p, _) = _stats(next(iter(old.values())).shape[1])
     c = s_p * s_p * w_d if recipe == "official" else s_p * w_d
     try:
-        mace.refine(tiny, stats)
+        mace.refine(tiny, {"sequence": stats})
         for name, param in weights.items():
             w0 = old[name].double()
             want = w0 @ cfr_map(stats, lamb=lamb, preserve_scale=c)
@@ -91,7 +92,7 @@ def test_fusion_weighs_preservation_with_the_domain_weight_once(tiny, recipe):
         with torch.no_grad():
             for name, param in weights.items():
                 param.copy_(refined[name])
-        mace.fuse_loras(tiny, stats, old, refined, factors)
+        mace.fuse_loras(tiny, {"sequence": stats}, old, refined, factors)
         for name, param in weights.items():
             w_ref, w_orig = refined[name].double(), old[name].double()
             values = [e_i @ (w_ref + b.double() @ a.double()).T for e_i, (b, a) in zip(e, (f[name] for f in factors))]

@@ -1,6 +1,7 @@
 """MACE: Mass Concept Erasure in Diffusion Models (Lu et al., CVPR 2024, arXiv 2403.06135).
 
-Three stages on every cross-attention key / value projection ``W`` (``attn2.to_k``, ``attn2.to_v``):
+Three stages on every cross-attention key / value projection ``W`` (``attn2.to_k``, ``attn2.to_v``;
+Flux: below):
 
 1. **Closed-form refinement (CFR).** Each concept is put into every template (``"a photo of
    {}"``) and the same template is filled with its mapping concept (the anchor). The keys are the
@@ -40,6 +41,22 @@ The prompts are encoded once each, in batches, over the whole padded length (the
 into the padding) and reduced at once to those d x d matrices (:class:`ClosedFormStats`:
 ``n + 3`` of them, 4.7 MB each at d = 768 in float64). Measured on an SD 1.4-sized model:
 docs/erasure.md, "Closed forms at scale".
+
+Flux (the joint-attention form; not in the paper, whose code is SD 1.x only). Flux's text enters
+the transformer linearly only at ``context_embedder`` (the T5 token states) and the pooled text
+embedder (CLIP's pooled embedding): the family's closed-form sites (``Family.edit_sites``, parameter
+set ``text_input``; on SD the same set is the cross-attention ``to_k`` / ``to_v``). After the first
+block the text stream's keys and values depend on the image and the timestep, so no closed form
+can sit there. So: the CFR maps the co-occurring T5 tokens (no start token; the end token and the
+padding aligned from the end) onto the anchor's at ``context_embedder``, and each concept
+prompt's pooled embedding onto its anchor prompt's at the pooled embedder (CLIP's pooled embedding
+is its end-of-text state: a co-occurring token of the SD CFR); the LoRA of each concept sits on
+``context_embedder``, trained with the loss above read from the *image-to-text* part of every
+double- and single-stream joint attention (the softmax over text and image keys, at the concept's
+T5 tokens and, ``use_pooler``, T5's end token; :mod:`efface.methods.mace_attention`); the fusion
+solves at ``context_embedder`` as on SD (the pooled site has no LoRA: its fusion only pulls the
+refined weights towards the preserved values). Biases cancel from every objective (``W' k + b``
+against ``W g + b``). Measured on toy-flux: docs/erasure.md, "On toy-flux".
 
 Images and masks (``data``): ``"generate"`` (official) samples ``num_images`` images per concept
 from the original model with ``image_prompt`` ("a photo of the {}"), guidance 7.5; the official
@@ -92,7 +109,6 @@ Differences from the official code, and why:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,9 +120,10 @@ from efface.errors import InputError
 from efface.images import images_to_array
 from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.mace_attention import (AttentionLoss, MapRecorder, attention_processors, importance_weights,
-                                           make_loras)
-from efface.methods.prompts import fill, word_end
-from efface.methods.uce import uce_solve
+                                           lora_hooks, make_loras)
+from efface.methods.prompts import fill
+from efface.methods.mace_closed_forms import (ClosedFormStats, cfr_map, cooccurring_indices, fused_weight, fusion_maps,
+                                              lora_keys)
 from efface.methods.uce_keys import ENCODE_BATCH, Encodings, encode_each
 from efface.models.diffusion import add_noise, num_train_timesteps, predict, random_index, sample_to, train_steps
 from efface.models.families import family_of
@@ -192,29 +209,14 @@ class MACEConfig(TrainingConfig):
         return self.fuse_preserve_scale * self.domain_weight
 
 
-def cooccurring_indices(tokenizer, old: str, new: str) -> tuple[list[int], list[int]]:
-    """Row-aligned token positions of the words around the concept in ``old`` and around the anchor
-    in ``new`` (official ``find_matching_indices``): the common prefix (start token included), then
-    the common suffix (end-of-text included) continued through the padding, aligned from the end
-    of each phrase, up to the padded length."""
-    a, b = tokenizer(old).input_ids, tokenizer(new).input_ids
-    prefix = 0
-    while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
-        prefix += 1
-    suffix = 0
-    while suffix < min(len(a), len(b)) - prefix and a[len(a) - 1 - suffix] == b[len(b) - 1 - suffix]:
-        suffix += 1
-    start_a, start_b = len(a) - suffix, len(b) - suffix
-    n = tokenizer.model_max_length - max(start_a, start_b)
-    return (list(range(prefix)) + list(range(start_a, start_a + n)),
-            list(range(prefix)) + list(range(start_b, start_b + n)))
-
-
-def concept_positions(tokenizer, template: str, concept: str, use_pooler: bool) -> torch.Tensor:
-    """Boolean (T,) positions of ``concept``'s tokens in the padded ``fill(template, concept)``, and
-    with ``use_pooler`` of every end-of-text id (in CLIP SD 1.x tokenizers: padding too)."""
-    ids = tokenize_one(tokenizer, fill(template, concept))
-    end = word_end(tokenizer, template, concept)
+def concept_positions(pipe, template: str, concept: str, use_pooler: bool) -> torch.Tensor:
+    """Boolean (T,) positions of ``concept``'s tokens in the padded ``fill(template, concept)`` of the
+    token sequence the denoiser reads (SD: CLIP's; Flux: T5's), and with ``use_pooler`` of every
+    end-of-text id (in CLIP SD 1.x tokenizers: padding too; T5: its one end token)."""
+    family = family_of(pipe)
+    tokenizer = family.sequence_tokenizer(pipe)
+    ids = tokenize_one(tokenizer, fill(template, concept), family.sequence_length(pipe))
+    end = family.word_positions(pipe, template, concept)[-1]
     n = len(tokenizer(concept, add_special_tokens=False).input_ids)
     pos = torch.zeros(len(ids), dtype=torch.bool)
     pos[end - n + 1 : end + 1] = True
@@ -223,79 +225,9 @@ def concept_positions(tokenizer, template: str, concept: str, use_pooler: bool) 
     return pos
 
 
-def tokenize_one(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def tokenize_one(tokenizer, text: str, length: int | None = None) -> torch.Tensor:
+    return tokenizer([text], padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids[0]
-
-
-def fuse(w_refined: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], preserve_keys: torch.Tensor,
-         preserve_values: torch.Tensor, *, lamb: float, preserve_scale: float, dtype=torch.float64) -> torch.Tensor:
-    """The fusion closed form (stage 3): least squares onto each LoRA's values, preserved rows onto
-    their original values, ``lamb`` towards the refined weights. Rows weighted by sqrt(scale) turn
-    it into UCE's solve with the preserved pairs as extra (key, value) rows."""
-    s = math.sqrt(preserve_scale)
-    keys = [*keys, s * preserve_keys.to(dtype)] if len(preserve_keys) and s > 0 else keys
-    values = [*values, s * preserve_values.to(dtype)] if len(preserve_keys) and s > 0 else values
-    return uce_solve(w_refined, keys, values, [], erase_scale=1.0, preserve_scale=0.0, lamb=lamb, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class ClosedFormStats:
-    """All that MACE's two closed forms read of the prompts (``solve_dtype``): the CFR's ``cfr_keys``
-    ``K^T K`` and ``cfr_sources`` ``S^T K`` (co-occurring keys ``K``, rows of the concept prompts;
-    ``S``: the anchor prompts' states at the aligned positions), the fusion's ``concepts``
-    ``E_i^T E_i`` per concept (every token of its prompts; n x d x d) and ``preserve`` ``P^T P``
-    (every token of the preserved prompts; zero without preserved concepts). d x d each."""
-
-    cfr_keys: torch.Tensor
-    cfr_sources: torch.Tensor
-    concepts: torch.Tensor
-    preserve: torch.Tensor
-
-    def to(self, device) -> ClosedFormStats:
-        return ClosedFormStats(*(t.to(device) for t in (self.cfr_keys, self.cfr_sources, self.concepts,
-                                                        self.preserve)))
-
-
-def cfr_map(stats: ClosedFormStats, *, lamb: float, preserve_scale: float) -> torch.Tensor:
-    """The CFR of every layer at once: ``W' = W M``, ``M = (lamb I + S^T K + s_p P^T P)(lamb I + K^T K
-    + s_p P^T P)^-1`` (UCE's closed form with values ``W s``, erase scale 1)."""
-    eye = torch.eye(stats.cfr_keys.shape[0], dtype=stats.cfr_keys.dtype, device=stats.cfr_keys.device)
-    pp = preserve_scale * stats.preserve
-    return torch.linalg.solve(lamb * eye + stats.cfr_keys + pp, lamb * eye + stats.cfr_sources + pp, left=False)
-
-
-def fusion_maps(stats: ClosedFormStats, *, lamb: float, preserve_scale: float) -> tuple[torch.Tensor, ...]:
-    """What the fusion of every layer shares, from one solve with ``mat2 = lamb I + sum_i G_i + s_f
-    P^T P`` (``G_i``: ``stats.concepts``): ``M_ref = (lamb I + sum_i G_i) mat2^-1``, ``M_orig = s_f
-    P^T P mat2^-1`` (None where that term is zero: the default scale 0, or nothing preserved) and
-    ``mat2^-1`` (d x d each)."""
-    g = stats.concepts
-    d = stats.preserve.shape[0]
-    eye = torch.eye(d, dtype=g.dtype, device=g.device)
-    sum_g = g.sum(0) if len(g) else torch.zeros_like(eye)
-    pp = preserve_scale * stats.preserve
-    mat2 = lamb * eye + sum_g + pp
-    maps = torch.linalg.solve(mat2, torch.cat([lamb * eye + sum_g, pp, eye]), left=False)  # X mat2 = [...]
-    return maps[:d], maps[d : 2 * d] if pp.any() else None, maps[2 * d :]
-
-
-def lora_keys(stats: ClosedFormStats, downs: torch.Tensor) -> torch.Tensor:
-    """``A_i G_i`` for every concept ``i`` at once: ``downs`` (n x k x d_in) holds each concept's LoRA
-    ``A`` matrices of any number of layers stacked (k rows); one batched product reads each ``G_i``
-    once for all layers."""
-    return torch.bmm(downs, stats.concepts.to(downs.device, downs.dtype))
-
-
-def fused_weight(w_refined: torch.Tensor, w_original: torch.Tensor, ups: torch.Tensor, a_g: torch.Tensor,
-                 maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The fusion closed form (:func:`fuse`) of one layer for all concepts at once: ``W* = W' M_ref +
-    W M_orig + (sum_i B_i A_i G_i) mat2^-1`` (:func:`fusion_maps`), ``ups`` the LoRAs' ``B_i``
-    (n x d_out x rank), ``a_g`` their ``A_i G_i`` (n x rank x d_in, :func:`lora_keys`)."""
-    m_ref, m_orig, mat2_inv = maps
-    b = ups.permute(1, 0, 2).reshape(ups.shape[1], -1)  # [B_1 ... B_n] (d_out x n rank)
-    fused = w_refined @ m_ref + (b @ a_g.reshape(-1, a_g.shape[-1])) @ mat2_inv
-    return fused if m_orig is None else fused + w_original @ m_orig
 
 
 @register_method("mace")
@@ -308,20 +240,20 @@ class MACE(ErasureMethod[MACEConfig]):
 
     Config = MACEConfig
     paper = "MACE: Mass Concept Erasure in Diffusion Models (Lu et al., CVPR 2024), arXiv 2403.06135"
-    parameter_set = "xattn_kv"
+    parameter_set = "text_input"  # SD: cross-attention to_k / to_v; Flux: context_embedder and the pooled embedder
     lora_export = "exact"  # the fused closed form: the change at its exact numerical rank, untruncated
     preserves = True
+    families = frozenset({"sd", "flux"})
     family_notes = {
         "sdxl": "not ported to SDXL yet: the closed forms and LoRAs would edit the cross-attention to_k / to_v, "
                 "but SDXL's pooled text embedding (add_embedding) would still carry the concept unedited, and "
                 "the co-occurring-token alignment of the CFR reads one CLIP tokenizer (the official code is "
                 "SD 1.x only); not verified on SDXL",
-        "sd3": "MACE's attention-map LoRAs and mask loss are written for UNet cross-attention (text keys only); "
-               "SD3's joint attention mixes image and text tokens in one softmax: the joint-attention form is "
-               "issue 15's",
-        "flux": "MACE's attention-map LoRAs and mask loss are written for UNet cross-attention (text keys only); "
-                "Flux's joint attention mixes image and text tokens in one softmax: the joint-attention form is "
-                "issue 15's",
+        "sd3": "the closed forms would sit on context_embedder as on Flux, but SD3's sequence joins CLIP-L, "
+               "CLIP-G and T5 tokens, so the CFR's co-occurring-token alignment would need one per part: not "
+               "ported",
+        "flux": "joint-attention form: CFR, LoRAs and fusion on context_embedder (T5 states), the CFR also on "
+                "the pooled text embedder; the loss reads the image-to-text part of every joint attention",
     }
 
     def __init__(self, config: MACEConfig | None = None, *, preset: str | Preset | None = None,
@@ -343,8 +275,10 @@ class MACE(ErasureMethod[MACEConfig]):
                 self.image_source.check(request.concepts)
         prompts = [fill(t, w) for t in (*cfg.templates, cfg.image_prompt)
                    for w in (*request.concepts, *request.anchors, *request.preserve)]
-        tok = family_of(pipe).tokenizer(pipe)
-        if max(token_count(tok, p) for p in prompts) > tok.model_max_length:
+        family = family_of(pipe)
+        limits = {id(family.tokenizer(pipe)): (family.tokenizer(pipe), family.tokenizer(pipe).model_max_length),
+                  id(family.sequence_tokenizer(pipe)): (family.sequence_tokenizer(pipe), family.sequence_length(pipe))}
+        if any(max(token_count(tok, p) for p in prompts) > limit for tok, limit in limits.values()):
             raise InputError("a template filled with a concept is longer than the tokenizer keeps; "
                              "shorten the templates or the concept")
 
@@ -353,73 +287,106 @@ class MACE(ErasureMethod[MACEConfig]):
         dtype = getattr(torch, cfg.solve_dtype)
         for _, _, p in named_parameters(pipe):
             p.requires_grad_(False)
-        weights = select(pipe, self.parameter_set)
-        original = {k: p.detach().clone() for k, p in weights.items()}
+        weights = self.site_weights(pipe)
+        original = {k: p.detach().clone() for k, (_, p) in weights.items()}
         data = [self.images(pipe, c, generator) for c in request.concepts]  # from the original model
         stats = self.statistics(pipe, request, dtype)
         self.refine(pipe, stats)
-        refined = {k: p.detach().clone() for k, p in weights.items()}
+        refined = {k: p.detach().clone() for k, (_, p) in weights.items()}
         factors = [self.train_lora(pipe, c, x0, masks, generator, progress)
                    for c, (x0, masks) in zip(request.concepts, data)]
         self.fuse_loras(pipe, stats, original, refined, factors)
 
+    @staticmethod
+    def site_weights(pipe) -> dict[str, tuple[str, torch.nn.Parameter]]:
+        """Weight key -> (what it reads, the weight) of every closed-form site (``Family.edit_sites``:
+        SD's cross-attention to_k / to_v read the token sequence; Flux's context_embedder the T5
+        sequence, its pooled text embedder the CLIP pooled embedding)."""
+        weights = select(pipe, "text_input")
+        return {site.key: (site.reads, weights[site.key]) for site in family_of(pipe).edit_sites(pipe)
+                if site.key in weights}
+
     @torch.no_grad()
-    def statistics(self, pipe, request: ErasureRequest, dtype: torch.dtype) -> ClosedFormStats:
+    def statistics(self, pipe, request: ErasureRequest, dtype: torch.dtype) -> dict[str, ClosedFormStats]:
         """Every prompt of both closed forms encoded once, in batches (whole padded prompts: the CFR's
-        keys reach into the padding), reduced at once to :class:`ClosedFormStats` (in ``dtype``):
-        each concept in every template, the anchor prompts (each distinct one once: the default
-        anchor's are shared by every concept), the preserved concepts in every template."""
-        cfg, tok = self.config, family_of(pipe).tokenizer(pipe)
+        keys reach into the padding), reduced at once to :class:`ClosedFormStats` (in ``dtype``) per
+        input the sites read: ``"sequence"`` (the co-occurring tokens of each concept in every
+        template onto the anchor prompts'; each distinct anchor prompt encoded once) and, where the
+        family has a pooled site, ``"pooled"`` (each concept prompt's pooled embedding onto its anchor
+        prompt's: in CLIP the pooled embedding *is* an end-of-text state, a co-occurring token)."""
+        cfg, family = self.config, family_of(pipe)
+        tok, length = family.sequence_tokenizer(pipe), family.sequence_length(pipe)
+        pooled = any(reads == "pooled" for reads, _ in self.site_weights(pipe).values())
         n_t = len(cfg.templates)
         anchors: Encodings = {}
-        kk = sk = None
-        concepts = []
+        sums: dict[str, list] = {"sequence": [None, None, []], "pooled": [None, None, []]}
+
+        def add(kind: str, k: torch.Tensor, s: torch.Tensor, per_concept: torch.Tensor) -> None:
+            acc = sums[kind]
+            acc[0] = k.T @ k if acc[0] is None else acc[0] + k.T @ k
+            acc[1] = s.T @ k if acc[1] is None else acc[1] + s.T @ k
+            acc[2].append(per_concept.transpose(1, 2) @ per_concept)
+
         pairs = list(zip(request.concepts, request.anchors))
         group = max(1, ENCODE_BATCH // n_t)  # whole concepts per batch
         for b in range(0, len(pairs), group):
             old = [fill(t, c) for c, _ in pairs[b : b + group] for t in cfg.templates]
             new = [fill(t, a) for _, a in pairs[b : b + group] for t in cfg.templates]
-            e_old = torch.stack([e.embeds[0] for e in encode_each(pipe, old)]).to(dtype)
-            e_new = torch.stack([e.embeds[0] for e in encode_each(pipe, new, cache=anchors)]).to(dtype)
-            rows = [cooccurring_indices(tok, o, a) for o, a in zip(old, new)]
+            c_old, c_new = encode_each(pipe, old), encode_each(pipe, new, cache=anchors)
+            e_old = torch.stack([e.embeds[0] for e in c_old]).to(dtype)
+            e_new = torch.stack([e.embeds[0] for e in c_new]).to(dtype)
+            rows = [cooccurring_indices(tok, o, a, length) for o, a in zip(old, new)]
             k = torch.cat([e_old[i, r] for i, (r, _) in enumerate(rows)])
             s = torch.cat([e_new[i, r] for i, (_, r) in enumerate(rows)])
-            kk, sk = (k.T @ k, s.T @ k) if kk is None else (kk + k.T @ k, sk + s.T @ k)
-            e = e_old.reshape(len(old) // n_t, -1, e_old.shape[-1])  # every token of each concept's prompts
-            concepts.append(e.transpose(1, 2) @ e)
-        pp = torch.zeros_like(kk)
+            add("sequence", k, s, e_old.reshape(len(old) // n_t, -1, e_old.shape[-1]))  # every token per concept
+            if pooled:
+                p_old = torch.cat([e.pooled for e in c_old]).to(dtype)
+                p_new = torch.cat([e.pooled for e in c_new]).to(dtype)
+                add("pooled", p_old, p_new, p_old.reshape(len(old) // n_t, n_t, -1))
         kept = [fill(t, p) for p in request.preserve for t in cfg.templates]
-        for b in range(0, len(kept), ENCODE_BATCH):
-            p = torch.cat([e.embeds[0] for e in encode_each(pipe, kept[b : b + ENCODE_BATCH])]).to(dtype)
-            pp = pp + p.T @ p
-        return ClosedFormStats(kk, sk, torch.cat(concepts), pp)
+        out = {}
+        for kind in ("sequence", "pooled") if pooled else ("sequence",):
+            kk, sk, concepts = sums[kind]
+            pp = torch.zeros_like(kk)
+            for b in range(0, len(kept), ENCODE_BATCH):
+                enc = encode_each(pipe, kept[b : b + ENCODE_BATCH])
+                rows = [e.embeds[0] if kind == "sequence" else e.pooled for e in enc]
+                p = torch.cat(rows).to(dtype)
+                pp = pp + p.T @ p
+            out[kind] = ClosedFormStats(kk, sk, torch.cat(concepts), pp)
+        return out
 
     @torch.no_grad()
-    def refine(self, pipe, stats: ClosedFormStats) -> None:
+    def refine(self, pipe, stats: dict[str, ClosedFormStats]) -> None:
         """Stage 1, CFR: the co-occurring words' keys onto the anchor prompts' values, in place (one
-        d x d map for every layer, :func:`cfr_map`)."""
+        d x d map per input the sites read, shared by every site that reads it: :func:`cfr_map`)."""
         cfg = self.config
-        m = cfr_map(stats, lamb=cfg.lamb, preserve_scale=cfg.cfr_preserve_weight())
-        for param in select(pipe, self.parameter_set).values():
+        maps = {kind: cfr_map(st, lamb=cfg.lamb, preserve_scale=cfg.cfr_preserve_weight()) for kind, st in stats.items()}
+        for reads, param in self.site_weights(pipe).values():
+            m = maps[reads]
             param.data.copy_((param.detach().to(m.dtype) @ m.to(param.device)).to(param.dtype))  # W' = W M
 
     @torch.no_grad()
-    def fuse_loras(self, pipe, stats: ClosedFormStats, original: dict[str, torch.Tensor],
+    def fuse_loras(self, pipe, stats: dict[str, ClosedFormStats], original: dict[str, torch.Tensor],
                    refined: dict[str, torch.Tensor], factors: list[dict[str, LoRAFactors]]) -> None:
         """Stage 3: the closed-form fusion of every concept's LoRA (``factors[i][key]``: ``(B_i, A_i)``,
-        from :meth:`train_lora`) into the refined weights, in place; one solve for all layers
-        (:func:`fusion_maps`), then :func:`fused_weight` per layer."""
+        from :meth:`train_lora`) into the refined weights, in place; one solve per input the sites
+        read (:func:`fusion_maps`), then :func:`fused_weight` per site (a site without LoRAs, Flux's
+        pooled one, is fused with none: the refined weights pulled towards the preserved values)."""
         cfg = self.config
-        weights = select(pipe, self.parameter_set)
-        device = next(iter(weights.values())).device
-        maps = fusion_maps(stats.to(device), lamb=cfg.lamb, preserve_scale=cfg.fuse_preserve_weight())
-        dtype = maps[0].dtype
-        ranks = [factors[0][k][1].shape[0] for k in weights]
-        downs = torch.stack([torch.cat([f[k][1] for k in weights]) for f in factors]).to(device, dtype)
-        a_g = lora_keys(stats, downs).split(ranks, dim=1)  # per layer: A_i G_i of every concept
-        for (key, param), lora_key in zip(weights.items(), a_g):
-            ups = torch.stack([f[key][0] for f in factors]).to(device, dtype)
-            new = fused_weight(refined[key].to(device, dtype), original[key].to(device, dtype), ups, lora_key, maps)
+        weights = self.site_weights(pipe)
+        device = next(iter(weights.values()))[1].device
+        maps = {kind: fusion_maps(st.to(device), lamb=cfg.lamb, preserve_scale=cfg.fuse_preserve_weight())
+                for kind, st in stats.items()}
+        trained = [k for k in weights if k in factors[0]]
+        dtype = maps["sequence"][0].dtype
+        ranks = [factors[0][k][1].shape[0] for k in trained]
+        downs = torch.stack([torch.cat([f[k][1] for k in trained]) for f in factors]).to(device, dtype)
+        a_g = dict(zip(trained, lora_keys(stats["sequence"], downs).split(ranks, dim=1)))  # A_i G_i per site
+        for key, (reads, param) in weights.items():
+            ups = torch.stack([f[key][0] for f in factors]).to(device, dtype) if key in a_g else None
+            new = fused_weight(refined[key].to(device, dtype), original[key].to(device, dtype), ups, a_g.get(key),
+                               maps[reads])
             param.data.copy_(new.to(param.dtype))
 
     @torch.no_grad()
@@ -429,11 +396,11 @@ class MACE(ErasureMethod[MACEConfig]):
         if cfg.data == "source":
             return self._sourced(pipe, concept, generator)
         family = family_of(pipe)
-        unet, tok = family.denoiser(pipe), family.tokenizer(pipe)
+        unet = family.denoiser(pipe)
         prompt = fill(cfg.image_prompt, concept)
         cond = encode(pipe, [prompt] * cfg.num_images).to(unet.device, unet.dtype)
         empty = encode(pipe, [""]).to(unet.device, unet.dtype)
-        pos = concept_positions(tok, cfg.image_prompt, concept, use_pooler=False).expand(cfg.num_images, -1)
+        pos = concept_positions(pipe, cfg.image_prompt, concept, use_pooler=False).expand(cfg.num_images, -1)
         hw = tuple(family.latent_shape(pipe)[1:])
         recorder = MapRecorder(pos, hw)
         with attention_processors(pipe, recorder=recorder):
@@ -478,15 +445,15 @@ class MACE(ErasureMethod[MACEConfig]):
 
     def train_lora(self, pipe, concept: str, x0: torch.Tensor, masks: torch.Tensor | None,
                    generator: torch.Generator, progress: bool) -> dict[str, LoRAFactors]:
-        """Stage 2: one LoRA for ``concept`` on the refined model; returns per parameter key its
-        factors ``(B, A)``, ``Delta W = B A``."""
+        """Stage 2: one LoRA per ``"sequence"`` site for ``concept`` on the refined model; returns per
+        site weight key its factors ``(B, A)``, ``Delta W = B A``."""
         family = family_of(pipe)
-        cfg, unet, tok = self.config, family.denoiser(pipe), family.tokenizer(pipe)
+        cfg, unet = self.config, family.denoiser(pipe)
         with torch.no_grad():
             emb = encode(pipe, [fill(t, concept) for t in cfg.templates]).to(unet.device, unet.dtype)
-        positions = torch.stack([concept_positions(tok, t, concept, cfg.use_pooler) for t in cfg.templates])
+        positions = torch.stack([concept_positions(pipe, t, concept, cfg.use_pooler) for t in cfg.templates])
         loras = make_loras(pipe, cfg.rank, generator)
-        params = [p for pair in loras.values() for lora in pair for p in lora.parameters()]
+        params = [p for lora in loras.values() for p in lora.parameters()]
         steps = num_train_timesteps(pipe)
         p_t = importance_weights(steps) if cfg.importance_sampling else torch.full((steps,), 1.0 / steps)
         loss_fn, n = AttentionLoss(), cfg.batch_size
@@ -500,11 +467,7 @@ class MACE(ErasureMethod[MACEConfig]):
             predict(pipe, x_t, t.to(unet.device), emb[k])  # the loss is read from the attention probabilities
             return loss_fn.value()
 
-        with attention_processors(pipe, loras, loss_fn):
+        with lora_hooks(pipe, loras), attention_processors(pipe, loss_fn):
             train_steps(loss, params, cfg.iterations, lr=cfg.lr, name=f"{self.name} ({concept})", progress=progress,
                         optimizer="adamw", weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-        out = {}
-        for key in select(pipe, self.parameter_set):  # "<denoiser>.<attention module>.to_k|to_v.<weight>"
-            module, projection, _ = key.partition(".")[2].rsplit(".", 2)
-            out[key] = loras[module][0 if projection == "to_k" else 1].factors()
-        return out
+        return {key: lora.factors() for key, lora in loras.items()}

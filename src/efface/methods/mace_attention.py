@@ -1,12 +1,22 @@
-"""Cross-attention pieces of MACE (:mod:`efface.methods.mace`): rank-r LoRAs on ``attn2.to_k`` /
-``attn2.to_v``, the attention-map loss, masks from cross-attention maps, timestep importance sampling.
+"""Attention pieces of MACE (:mod:`efface.methods.mace`): rank-r LoRAs on the closed-form sites,
+the attention-map loss, masks from attention maps, timestep importance sampling.
 
-Everything attaches to a pipeline's UNet (through the family seam) with :func:`attention_processors`,
-a context manager that swaps the processor of every cross-attention module (SD: ``...attn2``; found
-by :func:`efface.models.params.cross_attention_modules`) for :class:`MaceProcessor` and puts the
-original processors back on exit. The processor is a plain callable (not an ``nn.Module``), so the
-LoRA parameters never become parameters of the UNet. :class:`MaceProcessor` is the computation of
-a UNet cross-attention (text keys only); the joint attention of SD3 / Flux is not covered.
+The LoRAs sit on the family's ``"sequence"`` edit sites (``Family.edit_sites``: SD's
+``attn2.to_k`` / ``attn2.to_v``; Flux's ``context_embedder``), added to their output by forward
+hooks (:func:`lora_hooks`). The attention probabilities of the image positions on the text tokens
+are read by :func:`attention_processors`, a context manager that swaps the processor of every
+attention module the text goes through and puts the original processors back on exit:
+
+* UNets: every cross-attention module (``...attn2``) runs :class:`MaceProcessor`, diffusers'
+  plain attention computation exposing its (text-only) softmax;
+* Flux (the joint-attention form; not in the paper): every double- and single-stream attention
+  keeps its own processor for the output (:class:`JointMapProcessor`), and the image-to-text part
+  of its joint softmax (over text *and* image keys, RoPE applied as the processor applies it:
+  :func:`efface.methods.receler_maps.joint_probabilities`) is computed beside it for the recorder,
+  gradient-checkpointed while training so a layer's full map is not kept for the backward pass.
+
+Processors and hooks are plain callables, not ``nn.Module``s: the LoRA parameters never become
+parameters of the denoiser.
 """
 
 from __future__ import annotations
@@ -18,8 +28,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from efface.methods.receler_maps import joint_probabilities
 from efface.models.families import family_of
-from efface.models.params import cross_attention_modules
+from efface.models.params import cross_attention_modules, select
 
 
 class LoRA(torch.nn.Module):
@@ -117,12 +128,11 @@ def layer_size(latent_hw: tuple[int, int], n: int) -> tuple[int, int]:
 
 
 class MaceProcessor:
-    """diffusers' plain attention computation, with optional LoRAs added to ``to_k`` / ``to_v``
-    and an optional ``recorder(name, attention_probs, heads)`` called with the (batch*heads x pixels
-    x tokens) attention probabilities."""
+    """diffusers' plain cross-attention computation, with an optional ``recorder(name,
+    attention_probs, heads)`` called with the (batch*heads x pixels x tokens) attention probabilities."""
 
-    def __init__(self, name: str, lora_k: LoRA | None = None, lora_v: LoRA | None = None, recorder=None):
-        self.name, self.lora_k, self.lora_v, self.recorder = name, lora_k, lora_v, recorder
+    def __init__(self, name: str, recorder=None):
+        self.name, self.recorder = name, recorder
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -141,10 +151,6 @@ class MaceProcessor:
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
-        if self.lora_k is not None:
-            key = key + self.lora_k(context)
-        if self.lora_v is not None:
-            value = value + self.lora_v(context)
         query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
         probs = attn.get_attention_scores(query, key, attention_mask)
         if self.recorder is not None:
@@ -158,38 +164,96 @@ class MaceProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class JointMapProcessor:
+    """A Flux attention's own processor for the output, and beside it ``recorder(name, probs, heads)``
+    with the image tokens' softmax probabilities on the text tokens ((batch*heads) x image tokens x
+    text tokens; the softmax runs over every key). ``text`` holds the current text length (single-
+    stream blocks get text and image tokens as one sequence)."""
+
+    def __init__(self, original, name: str, recorder, text: dict[str, int]):
+        self.original, self.name, self.recorder, self.text = original, name, recorder, text
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        t = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.text["length"]
+
+        def text_part(hidden, context):
+            return joint_probabilities(attn, hidden, context, image_rotary_emb, text_len=t)[..., :t]
+
+        context = encoder_hidden_states
+        if torch.is_grad_enabled():
+            probs = torch.utils.checkpoint.checkpoint(text_part, hidden_states, context, use_reentrant=False)
+        else:
+            probs = text_part(hidden_states, context)
+        self.recorder(self.name, probs.flatten(0, 1), probs.shape[1])
+        return out
+
+
 @contextmanager
-def attention_processors(pipe, loras: dict[str, tuple[LoRA, LoRA]] | None = None, recorder=None) -> Iterator[None]:
-    """Within the block every cross-attention module (SD: ``...attn2``) of ``pipe``'s UNet runs
-    :class:`MaceProcessor` with its LoRA pair from ``loras`` (keyed by module name) and
-    ``recorder``; the original processors are restored on exit."""
-    unet, cross = family_of(pipe).denoiser(pipe), cross_attention_modules(pipe)
-    original = dict(unet.attn_processors)
-    loras = loras or {}
+def attention_processors(pipe, recorder) -> Iterator[None]:
+    """Within the block every attention module the text goes through (UNets: cross-attention,
+    ``...attn2``; Flux: every double- and single-stream attention) reports its image-to-text
+    attention probabilities to ``recorder`` (module doc); the original processors are restored on exit."""
+    family = family_of(pipe)
+    den = family.denoiser(pipe)
+    original = dict(den.attn_processors)
+    joint = family.denoiser_name == "transformer"
+    modules = family.cross_attention(pipe) if joint else cross_attention_modules(pipe)
+    text: dict[str, int] = {}
     chosen = {}
     for key, proc in original.items():
         name = key.removesuffix(".processor")
-        if name in cross:
-            k, v = loras.get(name, (None, None))
-            chosen[key] = MaceProcessor(name, k, v, recorder)
-        else:
+        if name not in modules:
             chosen[key] = proc
-    unet.set_attn_processor(chosen)
+        else:
+            chosen[key] = JointMapProcessor(proc, name, recorder, text) if joint else MaceProcessor(name, recorder)
+    handles = []
+    if joint:  # single-stream blocks see one sequence: the text length is the denoiser's input's
+        def remember(module, args, kwargs):
+            text["length"] = kwargs["encoder_hidden_states"].shape[1]
+
+        handles.append(den.register_forward_pre_hook(remember, with_kwargs=True))
+    den.set_attn_processor(chosen)
     try:
         yield
     finally:
-        unet.set_attn_processor(original)
+        for h in handles:
+            h.remove()
+        den.set_attn_processor(original)
 
 
-def make_loras(pipe, rank: int, generator: torch.Generator) -> dict[str, tuple[LoRA, LoRA]]:
-    """A (to_k, to_v) LoRA pair for every cross-attention module of ``pipe``'s UNet (in module
-    order), on its device, float32."""
-    device = family_of(pipe).denoiser(pipe).device
+def lora_sites(pipe) -> dict[str, torch.nn.Module]:
+    """Parameter key of every ``"sequence"`` edit site's weight -> its linear module (module doc)."""
+    family = family_of(pipe)
+    weights = select(pipe, "text_input")
     out = {}
-    for name, module in cross_attention_modules(pipe).items():
-        pair = tuple(LoRA(lin.in_features, lin.out_features, rank, generator) for lin in (module.to_k, module.to_v))
-        out[name] = tuple(lora.to(device) for lora in pair)
+    for site in family.edit_sites(pipe):
+        if site.reads == "sequence" and site.key in weights:
+            component, _, name = site.key.removesuffix(".weight").partition(".")
+            out[site.key] = getattr(pipe, component).get_submodule(name)
     return out
+
+
+def make_loras(pipe, rank: int, generator: torch.Generator) -> dict[str, LoRA]:
+    """A LoRA for every ``"sequence"`` edit site of ``pipe`` (:func:`lora_sites`, in site order), on
+    its device, float32, keyed by the site's weight key."""
+    return {key: LoRA(lin.in_features, lin.out_features, rank, generator).to(lin.weight.device)
+            for key, lin in lora_sites(pipe).items()}
+
+
+@contextmanager
+def lora_hooks(pipe, loras: dict[str, LoRA]) -> Iterator[None]:
+    """Within the block each site's output gets its LoRA's ``x A^T B^T`` added (forward hooks,
+    removed on exit)."""
+    sites = lora_sites(pipe)
+    handles = [sites[key].register_forward_hook(lambda m, args, out, _l=lora: out + _l(args[0]))
+               for key, lora in loras.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def importance_weights(num_timesteps: int, temperature: float = 0.05) -> torch.Tensor:

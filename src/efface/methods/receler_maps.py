@@ -49,9 +49,12 @@ def concept_attention(attn, hidden: torch.Tensor, context: torch.Tensor, tokens:
         return probs.view(hidden.shape[0], attn.heads, *probs.shape[1:])[..., tokens].mean(-1).mean(1).float()
 
 
-def joint_probabilities(attn, hidden: torch.Tensor, context: torch.Tensor, rotary=None) -> torch.Tensor:
-    """A Flux double-stream attention's probabilities from each image token to every key (text
-    first, then image), RoPE applied as the processor applies it: (B, heads, N, T + N)."""
+def joint_probabilities(attn, hidden: torch.Tensor, context: torch.Tensor | None, rotary=None,
+                        text_len: int | None = None) -> torch.Tensor:
+    """A Flux attention's probabilities from each image token to every key (text first, then
+    image), RoPE applied as the processor applies it: (B, heads, N, T + N). Double-stream blocks
+    get the text as ``context``; single-stream ones (``context`` None) one sequence ``hidden`` of
+    ``text_len`` text tokens, then the image's, through shared projections."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     d = attn.head_dim
@@ -59,11 +62,16 @@ def joint_probabilities(attn, hidden: torch.Tensor, context: torch.Tensor, rotar
     def heads(x):
         return x.unflatten(-1, (-1, d))
 
-    q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(context))), attn.norm_q(heads(attn.to_q(hidden)))], 1)
-    k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(context))), attn.norm_k(heads(attn.to_k(hidden)))], 1)
+    if context is None:
+        q, k = attn.norm_q(heads(attn.to_q(hidden))), attn.norm_k(heads(attn.to_k(hidden)))
+        t = text_len
+    else:
+        q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(context))), attn.norm_q(heads(attn.to_q(hidden)))], 1)
+        k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(context))), attn.norm_k(heads(attn.to_k(hidden)))], 1)
+        t = context.shape[1]
     if rotary is not None:
         q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
-    q = q[:, context.shape[1]:]  # the image tokens' queries
+    q = q[:, t:]  # the image tokens' queries
     return (torch.einsum("bnhd,bmhd->bhnm", q.float(), k.float()) / math.sqrt(d)).softmax(-1)
 
 

@@ -214,6 +214,11 @@ class Family:
         CLIP one; Flux: T5), or None where the sequence joins several encoders' tokens (SD3)."""
         return self.tokenizer(pipe)
 
+    def sequence_length(self, pipe) -> int:
+        """Tokens of :attr:`Conditioning.embeds` per prompt: the sequence tokenizer's padded length
+        (UNets: CLIP's 77; Flux: the T5 length the family pads to)."""
+        return int(self.sequence_tokenizer(pipe).model_max_length)
+
     def check_fits(self, pipe, text: str, what: str = "concept") -> None:
         """Refuse ``text`` if it is empty or any of the pipeline's tokenizers would truncate it."""
         for name in self.tokenizers:

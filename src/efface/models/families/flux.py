@@ -60,6 +60,9 @@ class Flux(FlowFamily):
     def sequence_tokenizer(self, pipe):
         return getattr(pipe, self.tokenizers[-1])  # the token sequence is T5's
 
+    def sequence_length(self, pipe) -> int:
+        return self.max_sequence_length(pipe)
+
     def word_positions(self, pipe, template: str, word: str) -> list[int]:
         return [self.t5_position(pipe, template, word)]
 
