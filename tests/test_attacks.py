@@ -187,6 +187,7 @@ def test_p4d_layouts_and_projection(attack_pipes):
 
 def test_concept_inversion_places_the_learned_token_where_the_concept_was(attack_pipes):
     from efface.attacks.concept_inversion import placeholder_ids, split_at
+    from efface.models.slots import word_slot
 
     _, pipe = attack_pipes
     tok = pipe.tokenizer
@@ -198,6 +199,9 @@ def test_concept_inversion_places_the_learned_token_where_the_concept_was(attack
     assert pos == len(red) and ids[:pos] == red and ids[pos + 1 : pos + 1 + len(tail)] == tail
     assert split_at("a red square", "circle") == ("", "a red square")
     assert placeholder_ids(tok, "", "a red square")[1] == 1 and len(plain) < tok.model_max_length
+    text, positions = word_slot(pipe, before, after)  # concept inversion's caption: a placeholder word there
+    ids = tok(text).input_ids
+    assert positions == [[len(red)]] and ids[: len(red)] == red and ids[len(red) + 1 :] == tail
 
 
 def test_mma_diffusion_never_uses_a_banned_token(attack_pipes):
@@ -211,7 +215,7 @@ def test_mma_diffusion_never_uses_a_banned_token(attack_pipes):
 
 
 TEXT_ONLY = ("no-attack", "riatig", "synonyms")  # change the prompt's text only; every family
-EVERY_ENCODER = ("unlearndiffatk", "p4d-n", "p4d-k", "ring-a-bell")  # token attacks over every text encoder at once (efface.models.slots); every family
+EVERY_ENCODER = ("unlearndiffatk", "p4d-n", "p4d-k", "ring-a-bell", "concept-inversion")  # token attacks over every text encoder at once (efface.models.slots); every family
 
 
 def _tiny(family):

@@ -65,3 +65,47 @@ def test_concept_inversion_trains_on_images_it_is_not_judged_on(pipes, monkeypat
     assert all(torch.equal(a, torch.tensor(list(b.getdata()))) for a, b in zip(as_arrays, disjoint))
     assert not all(torch.equal(a, torch.tensor(list(b.getdata()))) for a, b in zip(as_arrays, judged_seeds))
     assert ATTACKS.get("unlearndiffatk").target_seed_offset == 0  # the prompt's own image, as the official attack
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_concept_inversion_learns_a_row_per_encoder_lowers_its_loss_and_saves_the_pooled(family, family_pipe,
+                                                                                         tmp_path):
+    """On every encoder at once (SDXL: both CLIPs; Flux: CLIP for the pooled embedding, T5 for the
+    sequence): one learned row per encoder, the denoising loss of the learned token below that of its
+    initializer on fixed draws, and the adversarial conditioning (sequence and pooled) saved and loaded."""
+    from efface.attacks.base import target_latents
+    from efface.attacks.concept_inversion import PLACEHOLDER
+    from efface.models.diffusion import add_noise, predict
+    from efface.models.families import Conditioning, family_of
+    from efface.models.slots import condition_at, text_encoders, tokenizers, word_slot
+    from efface.models.text import token_embedding
+
+    pipe = family_pipe(family)
+    options = {**TINY["concept-inversion"], "steps": 40, "lr": 0.05}
+    targets = generate_many(pipe, ["a circle", "a red circle"], GEN, seed=7)
+    result = ATTACKS.get("concept-inversion")(**options).run(pipe, "circle", PROMPTS, original=pipe, seed=0,
+                                                            generation=GEN, progress=False, target_images=targets)
+    names = family_of(pipe).text_encoders
+    assert list(result.learned) == [PLACEHOLDER, *(f"{PLACEHOLDER}/{n}" for n in names[1:])]
+    init = [token_embedding(te).weight[tok("a", add_special_tokens=False).input_ids].mean(0)
+            for te, tok in zip(text_encoders(pipe), tokenizers(pipe))]
+    learned = [v[0] for v in result.learned.values()]
+    caption = word_slot(pipe, "a", "")  # "a {}"
+    dist, g = target_latents(pipe, targets), torch.Generator().manual_seed(3)
+
+    def loss(vectors):
+        g.manual_seed(3)
+        total = 0.0
+        with torch.no_grad():
+            cond = condition_at(pipe, *caption, [v.float().unsqueeze(0) for v in vectors])
+            for _ in range(8):
+                t = torch.randint(1000, (2,), generator=g)
+                x_t, target = add_noise(pipe, dist.mean, t, g)
+                total += float(torch.nn.functional.mse_loss(predict(pipe, x_t, t, cond.expand(2)), target))
+        return total
+
+    assert loss(learned) < loss(init)
+    adv = result.adversarial[0]
+    assert isinstance(adv.embedding, Conditioning) and adv.embedding.pooled is not None
+    loaded = AttackResult.load(result.save(tmp_path / "atk")).adversarial[0].embedding
+    assert torch.equal(loaded.embeds, adv.embedding.embeds) and torch.equal(loaded.pooled, adv.embedding.pooled)

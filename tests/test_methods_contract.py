@@ -52,7 +52,7 @@ ALL_CASES: dict[str, dict] = {
     "mace": toy("mace", num_images=2, iterations=3, lr=1e-2, batch_size=2, train_preserve_scale=10,
                 fuse_preserve_scale=10),
     "doco": toy("doco", iterations=4, warmup=1, lr=1e-2, batch_size=4, num_anchor_images=4, anchor_steps=4),
-    "spm": toy("spm", iterations=3, lr=5e-2, ddim_steps=4, batch_size=2, anchor_batch=2),
+    "spm": toy("spm", iterations=3, lr=5e-2, ddim_steps=4, batch_size=2, anchor_batch=2, lr_scheduler="constant"),
 }
 CASES = {name: options for name, options in ALL_CASES.items() if name in METHODS}
 TARGET, OTHER = "circle", "square"

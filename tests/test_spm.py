@@ -1,5 +1,5 @@
 """SPM: the membranes start as the identity, facilitated transport opens them only for their concept,
-several compose as stated, and the LoRA export is what plain diffusers loads."""
+several compose as stated, and the LoRA export is what plain diffusers loads; on SD and on Flux."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import torch
 
 from efface.errors import InputError
 from efface.methods import erase
-from efface.methods.spm import SPMConfig, anchor_embeddings
-from efface.methods.spm_membranes import SPMAdapter, membrane_layers, transport_rates
+from efface.methods.spm import SPMConfig, anchor_conditioning, anchor_embeddings
+from efface.methods.spm_membranes import SPMAdapter, membrane_blocks, membrane_layers, transport_rates
+from efface.models.diffusion import predict
+from efface.models.families import Conditioning, family_of
 from efface.models.text import encode
 
 from conftest import build_tiny_pipeline
@@ -27,9 +29,11 @@ def _eps(pipe, prompts: list[str], seed: int = 0) -> torch.Tensor:
 
 
 def _adapter(pipe, concepts: list[str], seed: int = 0, **options) -> SPMAdapter:
-    """Membranes with random (non-zero) up-projections, so that they act."""
+    """Membranes with random (non-zero) up-projections, so that they act (on the pipeline's family)."""
     g = torch.Generator().manual_seed(seed)
-    adapter = SPMAdapter(membrane_layers(pipe.unet), concepts, **options).reset(g)
+    family = family_of(pipe)
+    layers = membrane_layers(family.denoiser(pipe), membrane_blocks(pipe))
+    adapter = SPMAdapter(layers, concepts, denoiser=family.denoiser_name, **options).reset(g)
     with torch.no_grad():
         for membrane in adapter.membranes:
             for up in membrane.up.values():
@@ -121,24 +125,6 @@ def test_two_membranes_compose_as_stated(pipe, composition):
         torch.testing.assert_close(_eps(pipe, ["circle"]), pair, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("composition", ["merged", "sum"])
-def test_lora_export_loads_in_plain_diffusers_and_matches_multiplier_one(composition, tmp_path):
-    pipe = build_tiny_pipeline()
-    adapter = _adapter(pipe, ["circle", "square"], composition=composition)
-    prompts = ["a red circle", "a square"]
-    base = _eps(pipe, prompts)
-    with adapter.installed(pipe), adapter.fixed(1.0):
-        expected = _eps(pipe, prompts)
-    assert not torch.allclose(expected, base)
-    adapter.save_lora(tmp_path)
-    pipe.load_lora_weights(tmp_path)
-    try:
-        torch.testing.assert_close(_eps(pipe, prompts), expected, rtol=1e-4, atol=1e-5)
-    finally:
-        pipe.unload_lora_weights()
-    torch.testing.assert_close(_eps(pipe, prompts), base, rtol=0, atol=0)
-
-
 def test_anchor_batch_alternates_empty_and_random_embeddings_of_the_concepts_norm():
     target, empty = torch.randn(1, 6, 4), torch.randn(1, 6, 4)
     anchors = anchor_embeddings(target, empty, 6, torch.Generator().manual_seed(0))
@@ -168,7 +154,7 @@ def test_bad_options_are_refused():
 
 
 def test_sdxl_is_refused_before_work_with_the_reason(family_pipe):
-    with pytest.raises(InputError, match="spm supports sd models, not sdxl: .*transport"):
+    with pytest.raises(InputError, match="spm supports flux, sd models, not sdxl: .*transport"):
         erase(family_pipe("sdxl"), "spm", ["circle"], progress=False)
 
 
@@ -205,3 +191,115 @@ def test_train_steps_follows_the_schedule_step_by_step():
     q = torch.nn.Parameter(torch.zeros(1))
     train_steps(lambda i: (q - 1).pow(2).sum(), [q], 3, lr=0.1, name="s", progress=False, lr_schedule=lambda i: 0.0)
     assert float(q.detach()) == 0.0  # at lr 0 nothing moves
+
+
+# --- Flux: the joint-attention transformer's form (spm.py's module doc) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def flux(family_dirs):
+    from efface import load_pipeline
+
+    pipe = load_pipeline(family_dirs("flux"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flux_out(pipe, prompts: list[str], seed: int = 0) -> torch.Tensor:
+    x = torch.randn(len(prompts), *family_of(pipe).latent_shape(pipe), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return predict(pipe, x, 500, encode(pipe, prompts))
+
+
+def test_flux_membranes_sit_on_every_linear_of_both_block_kinds(flux):
+    layers = membrane_layers(flux.transformer, membrane_blocks(flux))
+    assert membrane_blocks(flux) == ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    assert any(n.startswith("transformer_blocks.") and n.endswith("attn.add_k_proj") for n in layers)
+    assert any(n.startswith("single_transformer_blocks.") and n.endswith("attn.to_k") for n in layers)
+    assert all(n.startswith(("transformer_blocks.", "single_transformer_blocks.")) for n in layers)
+    assert all(len(shape) == 2 for shape in layers.values())  # Linear only: Flux blocks hold no convolution
+    linears = {n for n, m in flux.transformer.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert set(layers) == linears
+
+
+def test_flux_transport_reads_the_t5_sequence_and_its_token_ids(flux):
+    """A prompt naming the concept opens its membrane fully (its T5 ids), another one by the cosine
+    of its T5 states with the concept's; each row of a plain FluxPipeline call gets its own rate."""
+    adapter = _adapter(flux, ["circle"])
+    base = _flux_out(flux, ["a red circle", "a square"])
+    with adapter.installed(flux):
+        out = _flux_out(flux, ["a red circle", "a square"])
+        gamma = adapter.last_rates[:, 0].tolist()
+        with adapter.fixed(1.0):
+            full = _flux_out(flux, ["a red circle", "a square"])
+        flux("a red circle", negative_prompt="a square", true_cfg_scale=2.0, num_inference_steps=1,
+             max_sequence_length=family_of(flux).max_sequence_length(flux), output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+        plain = adapter.last_rates[:, 0].tolist()
+    concept, square = encode(flux, ["circle", "a square"]).embeds
+    cosine = torch.cosine_similarity(concept.flatten(), square.flatten(), dim=0).clamp(0, 1).item()
+    assert gamma[0] == 1.0 and gamma[1] == pytest.approx(cosine, abs=1e-5) and gamma[1] < 1
+    torch.testing.assert_close(out[0], full[0])
+    assert 0 < (out[1] - base[1]).norm() < (full[1] - base[1]).norm()
+    # FluxPipeline's true CFG calls the transformer once per prompt, the negative last: its own rate
+    assert plain == [pytest.approx(cosine, abs=1e-4)]
+
+
+def test_flux_anchors_are_random_points_of_the_sequence_and_the_pooled_space():
+    g = torch.Generator().manual_seed(0)
+    target = Conditioning(torch.randn(1, 6, 4, generator=g), torch.randn(1, 5, generator=g))
+    empty = Conditioning(torch.randn(1, 6, 4, generator=g), torch.randn(1, 5, generator=g))
+    anchors = anchor_conditioning(target, empty, 4, torch.Generator().manual_seed(1))
+    assert anchors.embeds.shape == (4, 6, 4) and anchors.pooled.shape == (4, 5)
+    for j in (0, 2):
+        assert torch.equal(anchors.embeds[j], empty.embeds[0]) and torch.equal(anchors.pooled[j], empty.pooled[0])
+    for j in (1, 3):
+        assert 0.8 <= float(anchors.pooled[j].norm() / target.pooled.norm()) <= 1.2
+        assert 0.8 <= float(anchors.embeds[j].norm() / target.embeds.norm()) <= 1.2
+    again = anchor_conditioning(target, empty, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(anchors.embeds, again.embeds) and torch.equal(anchors.pooled, again.pooled)
+    assert anchor_conditioning(Conditioning(target.embeds), Conditioning(empty.embeds), 2, g).pooled is None
+
+
+def test_spm_on_flux_trains_membranes_only_removes_cleanly_and_is_seeded(flux):
+    options = {"progress": False, "iterations": 2, "lr": 5e-2, "ddim_steps": 3, "anchor_batch": 2,
+               "lr_scheduler": "constant"}
+    before = {n: p.detach().clone() for n, p in flux.transformer.named_parameters()}
+    base = _flux_out(flux, ["a red circle"])
+    erased = erase(flux, "spm", ["circle"], seed=0, **options)
+    assert not erased.tensors and erased.adapter.denoiser == "transformer"
+    assert all(torch.equal(p, before[n]) for n, p in flux.transformer.named_parameters())
+    with erased.applied(flux):
+        changed = _flux_out(flux, ["a red circle"])
+    assert (changed - base).norm() > 1e-4 * base.norm()
+    torch.testing.assert_close(_flux_out(flux, ["a red circle"]), base, rtol=0, atol=0)
+    again = erase(flux, "spm", ["circle"], seed=0, **options).adapter.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in erased.adapter.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+@pytest.mark.parametrize("composition", ["merged", "sum"])
+def test_lora_export_loads_in_plain_diffusers_and_matches_multiplier_one(family_pipe, family, composition, tmp_path):
+    pipe = build_tiny_pipeline() if family == "sd" else family_pipe(family)
+    out = _eps if family == "sd" else _flux_out
+    adapter = _adapter(pipe, ["circle", "square"], composition=composition)
+    prompts = ["a red circle", "a square"]
+    base = out(pipe, prompts)
+    with adapter.installed(pipe), adapter.fixed(1.0):
+        expected = out(pipe, prompts)
+    assert not torch.allclose(expected, base)
+    adapter.save_lora(tmp_path)
+    assert all(k.startswith(f"{family_of(pipe).denoiser_name}.") for k in adapter.lora_state_dict())
+    pipe.load_lora_weights(tmp_path)
+    try:
+        torch.testing.assert_close(out(pipe, prompts), expected, rtol=1e-4, atol=1e-5)
+    finally:
+        pipe.unload_lora_weights()
+    torch.testing.assert_close(out(pipe, prompts), base, rtol=0, atol=0)
+
+
+def test_an_sd_membrane_is_refused_on_flux(flux, pipe):
+    adapter = SPMAdapter(membrane_layers(pipe.unet), ["circle"])
+    with pytest.raises(InputError, match="unet"):
+        adapter.install(flux)

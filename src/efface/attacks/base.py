@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from efface.config import Preset, check_bounds, check_seed, resolve
 from efface.errors import InputError
 from efface.io import atomic_dir
-from efface.models.families import family_of
+from efface.models.families import Conditioning, family_of
 from efface.models.params import named_parameters
 from efface.registry import ATTACKS
 from efface.sampling import GenerationConfig, generate_many
@@ -113,10 +113,11 @@ def target_latents(pipe, images: list) -> torch.distributions.Distribution:
 @dataclass
 class Adversarial:
     """What an attack found for one prompt: the text to generate with, or a prompt embedding
-    (``1 x L x D``, the text encoder's output) with ``prompt`` its nearest-token reading."""
+    (``1 x L x D``, the text encoder's output; or a one-row :class:`Conditioning` where the family
+    reads more than one encoder's states) with ``prompt`` its nearest-token reading."""
 
     prompt: str
-    embedding: torch.Tensor | None = None
+    embedding: torch.Tensor | Conditioning | None = None
     loss: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -206,8 +207,14 @@ class AttackResult:
             (tmp / "attack.json").write_text(json.dumps(data, indent=2, default=str))
             if images:
                 make_grid(images).save(tmp / "grid.png")
-            embeds = {f"prompt_{i:04d}": a.embedding.detach().cpu().contiguous()
-                      for i, a in enumerate(self.adversarial) if a.embedding is not None}
+            embeds = {}
+            for i, a in enumerate(self.adversarial):
+                if isinstance(a.embedding, Conditioning):  # the pooled embedding beside the sequence
+                    embeds[f"prompt_{i:04d}"] = a.embedding.embeds.detach().cpu().contiguous()
+                    if a.embedding.pooled is not None:
+                        embeds[f"prompt_{i:04d}{POOLED_SUFFIX}"] = a.embedding.pooled.detach().cpu().contiguous()
+                elif a.embedding is not None:
+                    embeds[f"prompt_{i:04d}"] = a.embedding.detach().cpu().contiguous()
             if embeds:
                 save_file(embeds, str(tmp / "embeddings.safetensors"))
             (tmp / "images").mkdir()
@@ -227,8 +234,8 @@ class AttackResult:
             raise InputError(f"{path} is not an attack directory (no attack.json); write one with efface attack")
         data = json.loads((path / "attack.json").read_text())["run"]
         embeds = load_file(str(path / "embeddings.safetensors")) if (path / "embeddings.safetensors").exists() else {}
-        adversarial = [Adversarial(p["adversarial_prompt"], embeds.get(f"prompt_{i:04d}"), p["loss"], p["meta"])
-                       for i, p in enumerate(data["prompts"])]
+        adversarial = [Adversarial(p["adversarial_prompt"], _saved_embedding(embeds, f"prompt_{i:04d}"), p["loss"],
+                                   p["meta"]) for i, p in enumerate(data["prompts"])]
         if all("image" in p for p in data["prompts"]):
             files = [path / p["image"] for p in data["prompts"]]
         else:
@@ -245,6 +252,14 @@ class AttackResult:
 
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"  # the name diffusers' textual-inversion script writes
+POOLED_SUFFIX = ".pooled"  # embeddings.safetensors: a prompt's pooled embedding, beside its sequence
+
+
+def _saved_embedding(embeds: dict[str, torch.Tensor], key: str) -> torch.Tensor | Conditioning | None:
+    if key not in embeds:
+        return None
+    pooled = embeds.get(key + POOLED_SUFFIX)
+    return embeds[key] if pooled is None else Conditioning(embeds[key], pooled)
 
 
 def image_path(k: int) -> str:

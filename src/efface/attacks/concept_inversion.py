@@ -6,6 +6,18 @@ token embedding ``v`` is learned from images of the concept so that the erased m
 
 (with a v-prediction model the target is the velocity: :func:`~efface.models.diffusion.add_noise`'s).
 
+On a pipeline that reads several text encoders (SDXL: two CLIPs; SD3: two CLIPs and T5; Flux:
+CLIP for the pooled embedding and T5 for the token sequence; not in the paper, whose code is SD 1.x
+only) the new token is one row per encoder, all trained together: the caption holds a placeholder
+word that every tokenizer reads as one token, and each encoder's embedding at that word is its
+row (:func:`efface.models.slots.word_slot`, :func:`~efface.models.slots.condition_at`); the
+prompt is encoded by the pipeline's own ``encode_prompt``, so the pooled embedding (CLIP's state
+at its end token) carries the learned token too. The first encoder's row is saved under
+``<concept-inversion>``, the others' under ``<concept-inversion>/<encoder>`` (``text_encoder_2``,
+...) in the same file: diffusers loads textual inversions into CLIP encoders only (SDXL: give it
+that row with ``text_encoder=pipe.text_encoder_2``); a T5 row has no diffusers loader. The
+adversarial prompt is then the pipeline's conditioning, sequence and pooled, saved side by side.
+
 Then every prompt is generated with the concept's word replaced by ``<v>`` (``<v>`` prepended when
 the prompt does not name it). Only ``v`` is trained; the models stay frozen. The learned token is
 saved in diffusers' textual-inversion format (``learned_embeds.safetensors``, token
@@ -32,12 +44,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from efface.attacks.base import (CLIP_ONLY_NOTES, TRAIN_SEED_OFFSET, Adversarial, Attack, AttackConfig, AttackContext,
-                                 clip_states, clip_text, register_attack, target_latents)
+from efface.attacks.base import (ALL_FAMILIES, TRAIN_SEED_OFFSET, Adversarial, Attack, AttackConfig, AttackContext,
+                                 register_attack, target_latents)
 from efface.errors import InputError
 from efface.models.diffusion import add_noise, num_train_timesteps, predict
-from efface.models.families import Conditioning
-from efface.models.text import replaced_token_embeddings, token_embedding
+from efface.models.families import Conditioning, family_of
+from efface.models.slots import condition_at, text_encoders, tokenizers, word_slot
+from efface.models.text import token_embedding
 
 STYLE_TEMPLATES = ("a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
                    "a photo of a {}", "a rendition of the {}", "an image of {}")
@@ -86,19 +99,21 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
     paper = ("Circumventing Concept Erasure Methods for Text-to-Image Generative Models (Pham et al., ICLR 2024), "
              "arXiv 2308.01508")
     needs = frozenset({"erased_model", "target_images"})
-    family_notes = CLIP_ONLY_NOTES
+    families = ALL_FAMILIES
     target_seed_offset = TRAIN_SEED_OFFSET  # trained on images it is never judged on
 
     def _prepare(self, ctx: AttackContext) -> None:
         cfg, pipe, g = self.config, ctx.erased, ctx.generator
-        tok, te = clip_text(pipe)
-        captions = [placeholder_ids(tok, *t.split("{}", 1)) for t in cfg.templates]
-        for p in ctx.prompts:
-            placeholder_ids(tok, *split_at(p, ctx.concept))  # every prompt fits before any work
-        table = token_embedding(te).weight.detach()
-        init_ids = tok(cfg.initializer, truncation=False).input_ids[1:-1]
-        vector = table[init_ids].float().mean(0).clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([vector], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        family = family_of(pipe)
+        captions = [word_slot(pipe, *t.split("{}", 1)) for t in cfg.templates]
+        for text in [c for c, _ in captions] + [word_slot(pipe, *split_at(p, ctx.concept))[0] for p in ctx.prompts]:
+            family.check_fits(pipe, text, "a prompt with the learned token")  # every prompt fits before any work
+        tables = [token_embedding(te).weight.detach() for te in text_encoders(pipe)]
+        init = [tok(cfg.initializer, add_special_tokens=False, truncation=False).input_ids for tok in tokenizers(pipe)]
+        if not all(init):
+            raise InputError(f"the initializer {cfg.initializer!r} gives no token in one of the tokenizers; name a word")
+        vectors = [table[ids].float().mean(0).clone().requires_grad_(True) for table, ids in zip(tables, init)]
+        optimizer = torch.optim.AdamW(vectors, lr=cfg.lr, weight_decay=cfg.weight_decay)
         dist = target_latents(pipe, ctx.target_images)  # on the denoiser's device
         mean, std = dist.mean, dist.stddev
         steps = num_train_timesteps(pipe)
@@ -109,26 +124,25 @@ class ConceptInversion(Attack[ConceptInversionConfig]):
             x0 = mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=g).to(mean.device, mean.dtype)
             t = torch.randint(steps, (cfg.batch_size,), generator=g).to(mean.device)
             x_t, target = add_noise(pipe, x0, t, g)
-            conds = []
-            for c in caption.tolist():
-                ids, pos = captions[c]
-                with replaced_token_embeddings(te, [pos], vector.unsqueeze(0)):
-                    conds.append(clip_states(pipe, torch.tensor([ids])))  # (clip_states moves ids to the encoder)
-            pred = predict(pipe, x_t, t, Conditioning(torch.cat(conds)))
-            loss = F.mse_loss(pred.float(), target.float())
+            drawn = sorted(set(caption.tolist()))  # each drawn caption encoded once
+            encoded = Conditioning.cat([condition_at(pipe, *captions[c], [v.unsqueeze(0) for v in vectors])
+                                        for c in drawn])
+            cond = encoded[torch.tensor([drawn.index(c) for c in caption.tolist()])]
+            loss = F.mse_loss(predict(pipe, x_t, t, cond).float(), target.float())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             loss_value = float(loss.detach())
-        ctx.state["vector"], ctx.state["loss"] = vector.detach(), loss_value
-        ctx.learned[PLACEHOLDER] = vector.detach().to(table.dtype).unsqueeze(0)  # textual-inversion format: 1 x D
+        ctx.state["vectors"], ctx.state["loss"] = [v.detach() for v in vectors], loss_value
+        for k, (name, v, table) in enumerate(zip(family.text_encoders, vectors, tables)):  # textual-inversion rows
+            ctx.learned[PLACEHOLDER if k == 0 else f"{PLACEHOLDER}/{name}"] = v.detach().to(table.dtype).unsqueeze(0)
 
     def _attack(self, ctx: AttackContext, i: int) -> Adversarial:
         pipe = ctx.erased
-        tok, te = clip_text(pipe)
         before, after = split_at(ctx.prompts[i], ctx.concept)
-        ids, pos = placeholder_ids(tok, before, after)
-        with torch.no_grad(), replaced_token_embeddings(te, [pos], ctx.state["vector"].unsqueeze(0)):
-            embedding = clip_states(pipe, torch.tensor([ids]))
+        text, positions = word_slot(pipe, before, after)
+        with torch.no_grad():
+            cond = condition_at(pipe, text, positions, [v.unsqueeze(0) for v in ctx.state["vectors"]])
         text = " ".join(f"{before} {PLACEHOLDER} {after}".split())
-        return Adversarial(text, embedding, ctx.state["loss"], meta={"token_position": pos})
+        return Adversarial(text, cond.embeds if cond.pooled is None else cond, ctx.state["loss"],
+                           meta={"token_position": positions[0][0]})

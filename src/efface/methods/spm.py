@@ -4,8 +4,8 @@
 The base model is not changed: each erased concept gets a *concept-semipermeable membrane*, a
 rank-1 adapter ``m (alpha / r) U D x`` on every ``Linear`` / ``Conv2d`` of the UNet's transformer
 blocks (:mod:`efface.methods.spm_membranes`; ``U`` starts at zero, so the membrane starts as the
-identity). It is trained at multiplier ``m = 1`` with ESD's loss plus *latent anchoring*. Each
-iteration runs the first ``k`` of ``ddim_steps`` DDIM steps (``k`` uniform in ``[1, ddim_steps)``)
+identity; on Flux, see below). It is trained at multiplier ``m = 1`` with ESD's loss plus *latent
+anchoring*. Each iteration runs the first ``k`` of ``ddim_steps`` DDIM steps (``k`` uniform in ``[1, ddim_steps)``)
 from x_T with the membrane on, conditioned on the concept ``c`` with guidance ``start_guidance``,
 then, with the original model ``theta`` (membrane off) and the membraned one ``theta + M``::
 
@@ -31,6 +31,29 @@ warm-up steps, then 3 cosine cycles; ``get_scheduler_fix``), 30 DDIM steps (``ma
 guidance 3 by the model being trained, ``guidance_scale`` (eta) 1, ``la_strength`` 1000,
 ``sampling_batch_size`` 4; inference metric ``clipcos_tokenuni``, composition by summing the
 transport-scaled weights of the SPMs.
+
+On Flux (``FluxPipeline``; not in the paper, whose code is SD 1.x / 2.x only), each part has its
+counterpart through the model-family seam:
+
+* placement: every ``Linear`` of the transformer's double-stream ``FluxTransformerBlock`` and
+  single-stream ``FluxSingleTransformerBlock`` blocks (attention, text- and image-stream
+  projections, feed-forwards, the AdaLN modulation linears), the blocks where image tokens meet
+  the text as in the UNet's ``Transformer2DModel`` (the embedders and output layers outside them
+  carry no membrane, as the UNet's ResNets do not);
+* facilitated transport compares the token sequence the transformer reads
+  (``encoder_hidden_states``: the T5 states of ``text_encoder_2``), with the T5 tokenizer's ids for
+  the token term; the pooled CLIP embedding takes no part in the rate;
+* latent anchoring: the conditioning is a T5 sequence *and* a pooled CLIP vector, so each random
+  anchor is a random point of both: a random sequence drawn as on SD and a random pooled vector
+  drawn the same way (rejected by its cosine with the concept's pooled embedding, scaled to
+  ``U(0.8, 1.2)`` times its norm); the empty-prompt rows are the empty prompt's sequence and pooled.
+  The random anchors stand for "some other prompt": pairing a random sequence with the empty
+  prompt's pooled vector would anchor every such prompt at one pooled point, and the membranes on
+  the AdaLN linears read the pooled path;
+* the ESD target and the partial sampling are the family's (flow velocity, Flux's Euler sampler
+  with its shift: ``ddim_steps`` counts those steps), guidance ``start_guidance`` real
+  classifier-free guidance against the empty prompt;
+* the LoRA export writes ``transformer.*`` keys, which ``FluxPipeline.load_lora_weights`` reads.
 
 Differences from the official code, and why:
 
@@ -69,7 +92,7 @@ from efface.errors import InputError
 from efface.methods.base import ErasureMethod, ErasureRequest, TrainingConfig, register_method
 from efface.methods.esd import esd_target
 from efface.methods.prompts import fill
-from efface.methods.spm_membranes import COMPOSITIONS, SPMAdapter, membrane_layers
+from efface.methods.spm_membranes import COMPOSITIONS, SPMAdapter, membrane_blocks, membrane_layers
 from efface.models.diffusion import initial_latents, predict, random_index, sample_to, sampler, train_steps
 from efface.models.families import Conditioning, family_of
 from efface.models.params import named_parameters
@@ -140,6 +163,17 @@ def anchor_embeddings(target: torch.Tensor, empty: torch.Tensor, rows: int, gene
     return torch.stack(out)
 
 
+def anchor_conditioning(target: Conditioning, empty: Conditioning, rows: int,
+                        generator: torch.Generator) -> Conditioning:
+    """:func:`anchor_embeddings` of the token sequence and, where the family has one (Flux), of the
+    pooled embedding too, drawn the same way against the concept's pooled embedding (sequences first,
+    then pooled vectors): row ``j`` is the empty prompt or a random point of both."""
+    embeds = anchor_embeddings(target.embeds, empty.embeds, rows, generator)
+    if target.pooled is None:
+        return Conditioning(embeds)
+    return Conditioning(embeds, anchor_embeddings(target.pooled, empty.pooled, rows, generator))
+
+
 @register_method("spm")
 class SPM(ErasureMethod[SPMConfig]):
     """Concept-semipermeable membranes: one trained rank-1 adapter per concept, applied at inference
@@ -148,19 +182,18 @@ class SPM(ErasureMethod[SPMConfig]):
     Config = SPMConfig
     paper = ("One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing Applications "
              "(Lyu et al., CVPR 2024), arXiv 2312.16145")
+    families: ClassVar[frozenset[str]] = frozenset({"sd", "flux"})
     parameter_set: ClassVar[str | None] = None  # adapter-only: no base parameter changes (the membranes)
     lora_export = "adapter"  # its membranes' own LoRA (ErasedModel.save(lora=True) / efface erase --save-lora)
     family_notes: ClassVar[dict[str, str]] = {
         "sdxl": "not ported to SDXL yet: facilitated transport reads the token ids the first text encoder "
                 "encoded, but SDXL conditions the UNet on both encoders' penultimate states (so only the cosine "
-                "term would apply), latent anchoring has no random counterpart for the pooled embedding, and "
-                "the LoRA export writes SD's unet.* keys; the official code is SD 1.x / 2.x only",
-        "sd3": "the membranes attach to the UNet's Transformer2DModel blocks and transport compares the UNet's "
-               "encoder_hidden_states; SD3's joint-attention transformer (CLIP + T5 sequence, pooled "
-               "projections) needs its own placement and transport: not ported",
-        "flux": "the membranes attach to the UNet's Transformer2DModel blocks and transport compares the UNet's "
-                "encoder_hidden_states; Flux's joint-attention transformer (T5 sequence, pooled CLIP) needs its "
-                "own placement and transport: not ported",
+                "term would apply); the official code is SD 1.x / 2.x only",
+        "sd3": "SD3's transformer reads one sequence joining CLIP and T5 tokens (no single tokenizer for the "
+               "token term of facilitated transport) and has no membrane placement chosen: not ported",
+        "flux": "not in the paper: membranes on every Linear of the double- and single-stream blocks, "
+                "transport on the T5 sequence and T5 token ids, random anchors in both the T5 sequence and the "
+                "pooled CLIP space; the LoRA export writes transformer.* keys",
     }
 
     def _fit(self, pipe, request: ErasureRequest, generator: torch.Generator, progress: bool) -> SPMAdapter:
@@ -169,9 +202,11 @@ class SPM(ErasureMethod[SPMConfig]):
             log.info("spm: preserved concepts are not used (latent anchoring uses random embeddings)")
         for _, _, p in named_parameters(pipe):
             p.requires_grad_(False)
-        layers = membrane_layers(family_of(pipe).denoiser(pipe))
+        family = family_of(pipe)
+        layers = membrane_layers(family.denoiser(pipe), membrane_blocks(pipe))
         adapter = SPMAdapter(layers, list(request.concepts), rank=cfg.rank, alpha=cfg.alpha,
-                             composition=cfg.composition, transport=cfg.facilitated_transport).reset(generator)
+                             composition=cfg.composition, transport=cfg.facilitated_transport,
+                             denoiser=family.denoiser_name).reset(generator)
         with adapter.installed(pipe):
             adapter.requires_grad_(True)
             for k in range(len(request.concepts)):
@@ -198,8 +233,7 @@ class SPM(ErasureMethod[SPMConfig]):
             with adapter.fixed(on):  # x_t from the model being trained
                 x_t = sample_to(pipe, c, empty, step, cfg.ddim_steps, cfg.start_guidance, generator, x_T)
             t = timesteps[step]
-            s = (Conditioning(anchor_embeddings(concepts.embeds[j : j + 1], empty.embeds, cfg.anchor_batch, generator))
-                 if cfg.la_strength else None)
+            s = anchor_conditioning(concepts[j], empty, cfg.anchor_batch, generator) if cfg.la_strength else None
             x_s = x_t.repeat(cfg.anchor_batch // n, 1, 1, 1) if s is not None else None
             with torch.no_grad(), adapter.fixed(0.0):  # the original model
                 e_a, e_c = predict(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([a, c])).chunk(2)

@@ -107,6 +107,28 @@ def slot_positions(pipe, text: str, positions: Sequence[int]) -> list[list[int]]
     return out
 
 
+def word_slot(pipe, before: str, after: str) -> tuple[str, list[list[int]]]:
+    """``before``, a placeholder word, ``after`` (spaces normalised) as one text, and the placeholder's
+    position in every tokenizer's encoding of it (one ``[j]`` per :func:`tokenizers` entry, for
+    :func:`condition_at`): the first of :data:`PLACEHOLDERS` that every tokenizer reads as one token
+    there (found by its characters, the tokenizers' offset mappings)."""
+    before, after = " ".join(before.split()), " ".join(after.split())
+    for word in PLACEHOLDERS:
+        text = " ".join(part for part in (before, word, after) if part)
+        start = len(before) + bool(before)
+        where = []
+        for tok in tokenizers(pipe):
+            offsets = [tuple(o) for o in tok(text, truncation=False, return_offsets_mapping=True).offset_mapping]
+            hits = [j for j, o in enumerate(offsets) if o == (start, start + len(word))]
+            if len(hits) != 1:
+                break
+            where.append(hits)
+        else:
+            return text, where
+    raise InputError(f"no placeholder word is a single token between {before!r} and {after!r} in every tokenizer "
+                     "of this pipeline")
+
+
 def condition_at(pipe, text: str, positions: Sequence[Sequence[int]], adv: Sequence[torch.Tensor]) -> Conditioning:
     """The conditioning of ``text`` with the token embeddings at ``positions[i]`` of encoder ``i``
     (:func:`slot_positions`) replaced by ``adv[i]`` (``len(positions[i]) x D_i``), through the
