@@ -214,6 +214,7 @@ def test_mma_diffusion_never_uses_a_banned_token(attack_pipes):
     assert result.adversarial[0].loss <= 2.0
 
 
+SD_AND_FLUX = ("pund", "mma-diffusion")  # ported to Flux only (tests/test_attacks_flux_learned.py)
 TEXT_ONLY = ("no-attack", "riatig", "synonyms")  # change the prompt's text only; every family
 EVERY_ENCODER = ("unlearndiffatk", "p4d-n", "p4d-k", "ring-a-bell", "concept-inversion")  # token attacks over every text encoder at once (efface.models.slots); every family
 
@@ -234,8 +235,9 @@ def test_token_attacks_refuse_other_families_before_any_work_saying_why(attack_p
         if name in TEXT_ONLY + EVERY_ENCODER:
             assert cls.families == {"sd", "sdxl", "sd3", "flux"}
             continue
-        assert cls.families == {"sd"} and set(cls.family_notes) == {"sdxl", "sd3", "flux"}
-        with pytest.raises(InputError, match=f"{name} supports sd models, not sdxl: .*CLIP"):
+        expected = {"sd", "flux"} if name in SD_AND_FLUX else {"sd"}
+        assert cls.families == expected and set(cls.family_notes) == {"sdxl", "sd3", "flux"}
+        with pytest.raises(InputError, match=f"{name} supports {', '.join(sorted(expected))} models, not sdxl: .*CLIP"):
             cls(**TINY[name]).run(sdxl, "circle", PROMPTS, original=sdxl, generation=GEN, progress=False)
     with pytest.raises(InputError, match=r"not sdxl \(the original model\)"):  # the original is checked too
         ATTACKS.get("pund")(**TINY["pund"]).run(original, "circle", PROMPTS, original=sdxl, generation=GEN,
