@@ -155,3 +155,22 @@ def test_cli_toy_train_checks_base_before_any_work(tmp_path, caplog):
     assert main(["toy", "train", "--model", "toy-flux", "--base", str(tmp_path), "--work", str(work),
                  "--out", str(tmp_path / "o")]) == 2
     assert "toy-sd pipeline directory" in caplog.text and not work.exists()
+
+
+def test_a_work_directory_refuses_another_recipe_before_any_work(tmp_path):
+    """A rerun with another recipe would skip the stages the first one finished: refused, saying
+    which fields differ; a rerun that changes only the thread count goes on."""
+    from efface.errors import InputError
+    from efface.toy.recipe import ToyRecipe
+    from efface.toy.train import pin_recipe, train_toy
+
+    from dataclasses import asdict
+
+    work = tmp_path / "work"
+    work.mkdir()
+    pin_recipe(work, "recipe.json", asdict(ToyRecipe(n_train=64)))
+    pin_recipe(work, "recipe.json", asdict(ToyRecipe(n_train=64, threads=1)))  # threads change nothing made
+    with pytest.raises(InputError, match="another recipe \\(n_train differ: n_train 64 -> 128\\).*new --work"):
+        train_toy(ToyRecipe(n_train=128), work, tmp_path / "out")
+    assert sorted(p.name for p in work.iterdir()) == ["recipe.json"]  # nothing was made
+    assert json.loads((work / "recipe.json").read_text())["n_train"] == 64

@@ -18,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from efface.errors import InputError
 from efface.io import atomic_dir, atomic_file
 from efface.toy import classifier as clf
 from efface.toy import draw, loop, text, unet, vae
@@ -42,6 +43,25 @@ def _stage(work: Path, name: str, fn) -> None:
     with atomic_file(times_path) as tmp:
         tmp.write_text(json.dumps(times, indent=2))
     log.info("stage %s: %.0f s", name, times[name])
+
+
+IGNORED = ("threads",)  # recipe fields that do not change what a stage makes
+
+
+def pin_recipe(work: Path, name: str, record: dict) -> None:
+    """Write ``record`` (the recipe, as JSON) to ``work/name``, or, when the work directory already
+    holds one, refuse to go on with a different recipe before any work: its finished stages were
+    made by that one and would be silently reused (fields in :data:`IGNORED` may differ)."""
+    path, record = work / name, json.loads(json.dumps(record))  # as JSON reads it back (tuples -> lists)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in {*old, *record} - set(IGNORED) if old.get(k) != record.get(k))
+        if changed:
+            raise InputError(f"the work directory {work} was started with another recipe ({', '.join(changed)} "
+                             f"differ: {', '.join(f'{k} {old.get(k)!r} -> {record.get(k)!r}' for k in changed[:3])}); "
+                             "its finished stages belong to that recipe: use a new --work, or delete it to start over")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
 
 
 def _data(recipe: ToyRecipe, work: Path) -> dict[str, np.ndarray]:
@@ -73,7 +93,7 @@ def train_toy(recipe: ToyRecipe, work: str | Path, out: str | Path, *, overwrite
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    pin_recipe(work, "recipe.json", asdict(recipe))
     data = _data(recipe, work)
     torch.manual_seed(recipe.seed)
 

@@ -22,7 +22,7 @@ from efface.io import atomic_dir
 from efface.toy import flux, loop, t5
 from efface.toy.recipe import ToyRecipe
 from efface.toy.tokenizer import write_t5_tokenizer
-from efface.toy.train import _data, _latents, _stage
+from efface.toy.train import _data, _latents, _stage, pin_recipe
 
 SHARED = ("vae", "text_encoder", "tokenizer")
 
@@ -46,7 +46,7 @@ def train_toy_flux(recipe: ToyRecipe, work: str | Path, out: str | Path, *, base
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "recipe-flux.json").write_text(json.dumps({**asdict(recipe), "base": str(base)}, indent=2))
+    pin_recipe(work, "recipe-flux.json", {**asdict(recipe), "base": str(base)})
     data = _data(recipe, work)
     autoencoder = AutoencoderKL.from_pretrained(base / "vae").eval()
     clip = CLIPTextModel.from_pretrained(base / "text_encoder").eval()
