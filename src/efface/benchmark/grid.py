@@ -37,8 +37,8 @@ class BenchConfig:
     concepts: str = field(default="circle,striped,red", metadata={"help": "comma-separated toy concepts"})
     multi_concept: bool = field(default=True, metadata={"help": "also erase 1, 3 and all concepts of the "
                                                                 "first concept's axis at once"})
-    preset: str = field(default="", metadata={"help": "method preset: 'paper' or 'toy' (default: 'toy' on toy-sd, "
-                                                       "else 'paper'; 'toy' only on toy-sd)"})
+    preset: str = field(default="", metadata={"help": "method preset: 'paper' or 'toy' (default: 'toy' on a toy "
+                                                       "model, else 'paper'; 'toy' only on toy-sd and toy-flux)"})
     attacks: str = field(default="", metadata={"help": "comma-separated attacks run against every single-concept "
                                                         "cell (robustness column; efface list attacks)"})
     attack_prompts: int = field(default=8, metadata={"help": "prompts each attack tries per cell"})
