@@ -162,6 +162,11 @@ def test_cli_attack_refuses_bad_input(tmp_path, tiny_sd_dir, caplog):
     assert main(["attack", "--model", str(tiny_sd_dir), "--attack", "no-attack", "--concept", "circle",
                  "--prompt", "a circle", "--out", out]) == 2
     assert "no built-in judge" in caplog.text
+    caplog.clear()
+    options = tmp_path / "p4d.toml"
+    options.write_text("iterations = 3\nstep = 1\n")
+    assert main(["attack", "--attack", "p4d-n", "--concept", "circle", "--options", str(options), "--out", out]) == 2
+    assert "p4d-n has no option 'step'" in caplog.text and "valid options: " in caplog.text
 
 
 def test_p4d_layouts_and_projection(attack_pipes):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -93,3 +94,26 @@ def test_erase_save_lora_writes_a_lora_plain_diffusers_loads(tiny_sd_dir, tmp_pa
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True)
     pipe.load_lora_weights(out / "lora")
     assert json.loads((out / "manifest.json").read_text())["adapter"]["kind"] == "spm"
+
+
+def test_erase_reads_the_method_s_options_from_a_toml_file_under_set(tiny_sd_dir, tmp_path, caplog):
+    """--options FILE: typed by the method's config (arrays become tuples, integers floats where a
+    float is wanted), --set wins over it; an unknown key, a wrong type, bad TOML or a missing file
+    are refused before any work, the valid options listed as --set lists them."""
+    options = tmp_path / "uce.toml"
+    options.write_text('lamb = 1\nerase_scale = 0.5\nexpand_prompts = true\ntemplates = ["a {}", "{} on dots"]\n')
+    out = tmp_path / "uce"
+    common = ["-q", "erase", "--model", str(tiny_sd_dir), "--method", "uce", "--concept", "circle"]
+    assert main([*common, "--options", str(options), "--set", "erase_scale=0.75", "--out", str(out)]) == 0
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["lamb"] == 1.0 and config["erase_scale"] == 0.75 and config["expand_prompts"] is True
+    assert config["templates"] == ["a {}", "{} on dots"]
+    bad = {"lamda = 1\n": "uce has no option 'lamda' .*valid options: .*lamb", 'lamb = "big"\n': "lamb: expected float",
+           "lamb = \n": "not valid TOML", 'templates = "a {}"\n': "templates: expected an array"}
+    for text, message in bad.items():
+        options.write_text(text)
+        caplog.clear()
+        assert main([*common, "--options", str(options), "--out", str(tmp_path / "o")]) == 2
+        assert re.search(message, caplog.text), (text, caplog.text)
+    assert main([*common, "--options", str(tmp_path / "none.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in caplog.text and not (tmp_path / "o").exists()

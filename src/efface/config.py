@@ -98,6 +98,50 @@ def parse_assignments(cls: type, assignments: list[str], *, owner: str = "") -> 
     return out
 
 
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """A TOML value as field type ``tp`` (arrays -> tuples, integers where floats are wanted), or an error."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = _base_type(tp)
+    if typing.get_origin(tp) in (tuple, list):
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected an array, not {value!r}")
+        return tuple(_coerce(inner, v, where) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ValueError(f"{where}: expected {tp.__name__}, not {value!r}")
+    return value
+
+
+def load_options(cls: type, path, *, owner: str = "") -> dict[str, Any]:
+    """A TOML file's top-level ``key = value`` pairs -> typed keyword arguments for dataclass ``cls``
+    (``efface erase --options FILE``); a missing file, bad TOML, unknown keys (the valid ones listed,
+    as ``--set`` lists them) and values of the wrong type raise :class:`~efface.errors.InputError`."""
+    import tomllib
+    from pathlib import Path
+
+    from efface.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--options {path}: no such file; give a TOML file of key = value lines")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"--options {path}: not valid TOML: {err}") from err
+    hints = typing.get_type_hints(cls)
+    valid = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise InputError(f"{owner or cls.__name__} has no option {', '.join(map(repr, unknown))} ({path}); valid "
+                         f"options: {', '.join(valid) or 'none'}")
+    try:
+        return {k: _coerce(valid[k], v, f"--options {path}: {k}") for k, v in data.items()}
+    except ValueError as err:
+        raise InputError(str(err)) from err
+
+
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) of every field of dataclass ``cls``."""
     hints = typing.get_type_hints(cls)

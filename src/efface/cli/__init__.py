@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", help="concept the erased ones are mapped to (default: the method's, "
                                     "e.g. '' for UCE and ESD objects)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeat for several)")
+    p.add_argument("--options", metavar="FILE", help="a TOML file of the method's options (key = value lines); "
+                                                     "over the preset, under --set")
     p.add_argument("--preset", help="'paper' (the paper's schedule) or 'toy' (CPU-sized, efface.toy.presets; "
                                     "the default with --model toy, refused on other models)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "evaluation prompts of the concept)")
     p.add_argument("--n", type=int, default=16, help="toy-sd prompts to attack when no --prompt is given (default: 16)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an attack option (repeat for several)")
+    p.add_argument("--options", metavar="FILE", help="a TOML file of the attack's options (key = value lines); "
+                                                     "over the preset, under --set")
     p.add_argument("--preset", help="'paper' (the paper's budget) or 'toy' (CPU-sized, efface.toy.presets; "
                                     "the default with --model toy, refused on other models)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps of every image (default: 25)")

@@ -24,6 +24,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="allow pickle checkpoints (.ckpt/.bin/.pt/.pth); they can run arbitrary code")
 
 
+def _user_options(config_cls: type, args: argparse.Namespace, owner: str) -> dict:
+    """A method's or attack's options from the command line: ``--options FILE`` (TOML), then every
+    ``--set key=value`` over it; unknown keys are refused with the valid ones listed."""
+    from efface import config as cfg
+
+    options = cfg.load_options(config_cls, args.options, owner=owner) if getattr(args, "options", None) else {}
+    return {**options, **cfg.parse_assignments(config_cls, args.set or [], owner=owner)}
+
+
 def _refuse_existing(args: argparse.Namespace) -> None:
     """``--out`` must not exist unless ``--overwrite`` (checked before any work)."""
     if Path(args.out).exists() and not args.overwrite:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from efface import config as cfg
-from efface.cli.common import _load, _refuse_existing
+from efface.cli.common import _load, _refuse_existing, _user_options
 from efface.errors import InputError
 
 
@@ -120,7 +120,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from efface.toy.presets import attack_setup, toy_model
 
     cls = ATTACKS.get(args.attack)  # unknown attack: the valid ones are listed
-    options = cfg.parse_assignments(cls.Config, args.set or [], owner=args.attack)
+    options = _user_options(cls.Config, args, args.attack)
     preset, inputs = attack_setup(args.attack, args.model, args.preset)  # "toy" only on a toy model
     attack = cls(preset=preset, **inputs, **options)
     gen = GenerationConfig(steps=args.steps, guidance=args.guidance)

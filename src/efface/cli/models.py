@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from efface import config as cfg
-from efface.cli.common import _load, _refuse_existing
+from efface.cli.common import _load, _refuse_existing, _user_options
 from efface.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if args.lora_rank is not None and (not args.save_lora or args.lora_rank < 1):
         raise InputError(f"--lora-rank {args.lora_rank}: give a rank of at least 1, with --save-lora")
     preset, inputs = method_setup(args.method, args.model, args.preset)  # "toy" only on a toy model
-    method = cls(preset=preset, **inputs, **cfg.parse_assignments(cls.Config, args.set or [], owner=args.method))
+    method = cls(preset=preset, **inputs, **_user_options(cls.Config, args, args.method))
     if args.save_lora and (why := method.lora_refusal()):  # the class and its parameter set, before loading
         raise InputError(f"--save-lora: {why}")
     request = ErasureRequest.build(args.concept, args.anchor, args.preserve or (), default_anchor=cls.default_anchor)
