@@ -108,7 +108,7 @@ def test_erase_reads_the_method_s_options_from_a_toml_file_under_set(tiny_sd_dir
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert config["lamb"] == 1.0 and config["erase_scale"] == 0.75 and config["expand_prompts"] is True
     assert config["templates"] == ["a {}", "{} on dots"]
-    bad = {"lamda = 1\n": "uce has no option 'lamda' .*valid options: .*lamb", 'lamb = "big"\n': "lamb: expected float",
+    bad = {"lamda = 1\n": "uce has no option 'lamda'.*valid options: .*lamb", 'lamb = "big"\n': "lamb: expected float",
            "lamb = \n": "not valid TOML", 'templates = "a {}"\n': "templates: expected an array"}
     for text, message in bad.items():
         options.write_text(text)

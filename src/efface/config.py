@@ -98,7 +98,7 @@ def parse_assignments(cls: type, assignments: list[str], *, owner: str = "") -> 
     return out
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def coerce_option(tp: Any, value: Any, where: str) -> Any:
     """A TOML value as field type ``tp`` (arrays -> tuples, integers where floats are wanted), or an error."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = _base_type(tp)
@@ -106,7 +106,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         inner = typing.get_args(tp)[0]
         if not isinstance(value, list):
             raise ValueError(f"{where}: expected an array, not {value!r}")
-        return tuple(_coerce(inner, v, where) for v in value)
+        return tuple(coerce_option(inner, v, where) for v in value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
@@ -130,14 +130,22 @@ def load_options(cls: type, path, *, owner: str = "") -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"--options {path}: not valid TOML: {err}") from err
+    return typed_options(cls, data, owner=owner, where=f"--options {path}")
+
+
+def typed_options(cls: type, data: Mapping[str, Any], *, owner: str = "", where: str = "") -> dict[str, Any]:
+    """Values read from a file (TOML types) -> typed keyword arguments for dataclass ``cls``; unknown
+    keys (the valid ones listed, as ``--set`` lists them) and wrong types raise :class:`InputError`."""
+    from efface.errors import InputError
+
     hints = typing.get_type_hints(cls)
     valid = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(valid))
     if unknown:
-        raise InputError(f"{owner or cls.__name__} has no option {', '.join(map(repr, unknown))} ({path}); valid "
-                         f"options: {', '.join(valid) or 'none'}")
+        raise InputError(f"{where + ': ' if where else ''}{owner or cls.__name__} has no option "
+                         f"{', '.join(map(repr, unknown))}; valid options: {', '.join(valid) or 'none'}")
     try:
-        return {k: _coerce(valid[k], v, f"--options {path}: {k}") for k, v in data.items()}
+        return {k: coerce_option(valid[k], v, f"{where}: {k}") for k, v in data.items()}
     except ValueError as err:
         raise InputError(str(err)) from err
 

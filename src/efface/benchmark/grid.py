@@ -177,9 +177,11 @@ def run_cell(pipe, out: Path, name: str, method: str | None, concepts: list[str]
 
 
 def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_config: EvalConfig | None = None,
-              *, seed: int = 0, progress: bool = True, options: dict[str, dict] | None = None) -> dict[str, Any]:
+              *, seed: int = 0, progress: bool = True, options: dict[str, dict] | None = None,
+              spec: dict | None = None) -> dict[str, Any]:
     """Every cell of the grid (base model included); returns what ``results.json`` holds.
-    ``options``: per method, options on top of its preset."""
+    ``options``: per method, options on top of its preset; ``spec``: the ``--spec`` file's record
+    (:func:`efface.benchmark.spec.load_spec`), kept in ``results.json``."""
     options = options or {}
     config, eval_config, out = config or BenchConfig(), eval_config or EvalConfig(), Path(out)
     methods, concepts, multi = config.method_list(), config.concept_list(), config.multi_sets()
@@ -198,16 +200,18 @@ def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_con
                               base_ref=base_ref, options=options.get(method or "", {}), attacks=attacks,
                               attack_prompts=config.attack_prompts))
     results = {"config": asdict(config), "eval_config": asdict(eval_config), "seed": seed, "preset": preset,
-               "options": options, "model": base_ref, "multi_sets": multi, "cells": cells}
+               "options": options, "model": base_ref, "multi_sets": multi, "cells": cells,
+               **({"spec": spec} if spec else {})}
     write_json(out / "results.json", results)
     return results
 
 
 def bench_and_report(pipe, out: str | Path, config: BenchConfig | None = None,
                      eval_config: EvalConfig | None = None, *, seed: int = 0, progress: bool = True,
-                     options: dict[str, dict] | None = None, title: str = "efface benchmark") -> tuple[str, Path]:
+                     options: dict[str, dict] | None = None, title: str = "efface benchmark",
+                     spec: dict | None = None) -> tuple[str, Path]:
     """:func:`run_bench`, then ``table.md`` and ``report.html``; returns the table and the report's path."""
-    results = run_bench(pipe, out, config, eval_config, seed=seed, progress=progress, options=options)
+    results = run_bench(pipe, out, config, eval_config, seed=seed, progress=progress, options=options, spec=spec)
     text, report, _ = report_bench(out, results, title=title)
     return text, report
 

@@ -44,7 +44,7 @@ def _folder(label: str) -> str:
 
 def bench_models(models: list[str], load: Callable[[str], Any], out: str | Path, config=None, eval_config=None, *,
                  seed: int = 0, progress: bool = True, options: dict[str, dict] | None = None,
-                 title: str = "efface benchmark") -> tuple[str, Path]:
+                 title: str = "efface benchmark", spec: dict | None = None) -> tuple[str, Path]:
     """:func:`efface.benchmark.grid.run_bench` on every model (``load(model)`` gives its pipeline), each into
     ``out/<model>/``; then the combined ``table.md`` and ``report.html`` under ``out``. Returns the
     combined table's text and the report's path."""
@@ -62,7 +62,7 @@ def bench_models(models: list[str], load: Callable[[str], Any], out: str | Path,
         pipe = load(model)
         pipe.set_progress_bar_config(disable=True)
         sub = out / _folder(label)
-        results = run_bench(pipe, sub, config, eval_config, seed=seed, progress=progress, options=options)
+        results = run_bench(pipe, sub, config, eval_config, seed=seed, progress=progress, options=options, spec=spec)
         del pipe  # only one model in memory: the next is loaded after this one is gone
         _, _, table = report_bench(sub, results, title=f"{title}: {label}")
         sections.append((label, sub, table, results["cells"], results["multi_sets"]))

@@ -234,7 +234,7 @@ def blurred(images: list) -> list:
 
 def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchConfig | None = None,
                        eval_config: EvalConfig | None = None, *, seed: int = 0, progress: bool = True,
-                       options: dict[str, dict] | None = None) -> tuple[str, Path]:
+                       options: dict[str, dict] | None = None, spec: dict | None = None) -> tuple[str, Path]:
     """Base model and every method of ``config`` on the protocol; writes ``cells/``, ``results.json``,
     ``table.md`` and ``report.html`` under ``out``; returns the table and the report's path."""
     from efface.benchmark.table import PROTOCOL_COLUMNS, PROTOCOL_LEGEND, markdown, protocol_rows
@@ -274,7 +274,8 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
                                     **result})
         cells.append(cell)
     results = {"protocol": asdict(prepared.config), "config": asdict(config), "eval_config": asdict(eval_config),
-               "seed": seed, "preset": preset, "options": options, "model": base_ref, "cells": cells}
+               "seed": seed, "preset": preset, "options": options, "model": base_ref, "cells": cells,
+               **({"spec": spec} if spec else {})}
     write_json(out / "results.json", results)
     table = protocol_rows(cells)
     title = f"efface benchmark: {prepared.config.protocol} on {Path(base_ref).name}"

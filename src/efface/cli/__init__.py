@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--out's table and report compare them with a model column.")
     p.add_argument("--seed", type=int, default=0, help="seed of every erasure and evaluation (default: 0)")
     p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench)")
+    p.add_argument("--spec", metavar="FILE", help="a TOML file describing the run: any option below and "
+                                                  "[options.<method>] tables (docs/evaluation.md); flags given "
+                                                  "here win over it")
     cfg.add_options(p, BenchConfig, group="grid")
     cfg.add_options(p, EvalConfig, group="evaluation")
     cfg.add_options(p, ProtocolConfig, group="real-model protocol (instead of the toy grid)")

@@ -59,20 +59,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from efface.benchmark.protocol import ProtocolConfig
     from efface.evaluation import EvalConfig
 
+    kwargs = {}
+    if args.spec:  # the run described by a file: every key checked before any model loads
+        from efface.benchmark.spec import apply_spec, load_spec, spec_fields
+
+        fields = spec_fields(BenchConfig, EvalConfig, ProtocolConfig)
+        values, options, record = load_spec(args.spec, fields)
+        apply_spec(args, values, fields)
+        kwargs = {"options": options, "spec": record}
     bench, evaluation, protocol = (cfg.from_args(c, args) for c in (BenchConfig, EvalConfig, ProtocolConfig))
     if protocol.protocol:
-        table, report = _protocol_bench(args, bench, evaluation, protocol)
+        table, report = _protocol_bench(args, bench, evaluation, protocol, **kwargs)
     else:
         from efface.judges import check_toy_threshold
 
         check_toy_threshold(protocol.threshold)  # the toy grid (and its --attacks) judge with the toy classifier
-        table, report = _bench(args, bench, evaluation)
+        table, report = _bench(args, bench, evaluation, **kwargs)
     print(table)
     print(report)
     return 0
 
 
-def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tuple[str, Path]:
+def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol, **kwargs) -> tuple[str, Path]:
     """A real-model protocol: model path, prompt file, judges and methods checked before loading."""
     from efface.benchmark.models import model_list
     from efface.benchmark.protocol import check_model, prepare, run_protocol_bench
@@ -89,7 +97,8 @@ def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol) -> tu
     prepared = prepare(protocol)
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
-    return run_protocol_bench(pipe, args.out, prepared, bench, evaluation, seed=args.seed, progress=not args.quiet)
+    return run_protocol_bench(pipe, args.out, prepared, bench, evaluation, seed=args.seed, progress=not args.quiet,
+                              **kwargs)
 
 
 def _check_presets(args: argparse.Namespace, bench, model: str | None = None) -> None:
