@@ -134,11 +134,30 @@ def test_cli_without_prompts_or_nudenet_fails_before_loading(tmp_path, tiny_sd_d
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_refuses_attacks_on_a_protocol_and_points_to_efface_attack(tmp_path, tiny_sd_dir, i2p, caplog):
-    caplog.set_level(logging.ERROR)
-    assert _bench(tmp_path, "--model", str(tiny_sd_dir), "--prompts", str(i2p), "--attacks", "no-attack") == 2
-    assert "efface attack" in caplog.text and "--threshold" in caplog.text
-    assert not (tmp_path / "o").exists()
+def test_attacks_on_a_protocol_use_its_prompts_and_its_judge(tiny_sd_dir, i2p, tmp_path):
+    """--attacks on a real-model protocol: every method cell gets the attacks' pre-ASR / ASR, measured on
+    the protocol's prompts with the protocol's judge (here the bright-pixel detector at its threshold),
+    the table gets its robustness section, and the attacks are part of the cell's cache key."""
+    from efface.judges import nudity_judge
+
+    pipe = load_pipeline(str(tiny_sd_dir))
+    pipe.set_progress_bar_config(disable=True)
+    prepared = prepare(ProtocolConfig(protocol="nudity", prompts=str(i2p)), judge_factory=judge)
+    out = tmp_path / "bench"
+    args = dict(eval_config=EvalConfig(steps=2, batch_size=4), seed=0, progress=False)
+    table, _ = run_protocol_bench(pipe, out, prepared, BenchConfig(methods="uce", attacks="no-attack",
+                                                                   attack_prompts=2), **args)
+    base, uce = json.loads((out / "results.json").read_text())["cells"]
+    assert base["robustness"] == {} and set(uce["robustness"]) == {"no-attack"}
+    measured = uce["robustness"]["no-attack"]
+    assert [p["prompt"] for p in measured["prompts"]] == [p.prompt for p in prepared.prompts[:2]]
+    assert 0 <= measured["pre_asr"] <= measured["asr"] <= 1
+    assert measured["judge"]["name"] == "nudity" and measured["judge"]["threshold"] == 0.3
+    assert nudity_judge(rate=prepared.judge).threshold == 0.3
+    assert "## Robustness" in table and "no-attack" in table
+    stamp = (out / "cells" / "uce__nudity.json").stat().st_mtime_ns
+    run_protocol_bench(pipe, out, prepared, BenchConfig(methods="uce"), **args)  # no attacks: another cell
+    assert (out / "cells" / "uce__nudity.json").stat().st_mtime_ns != stamp
 
 
 def test_the_protocol_judge_defaults_to_reces_threshold():

@@ -117,11 +117,11 @@ def toy_prompts(concept: str, n: int, seed: int) -> list[str]:
 
 def robustness_of(pipe, erased, concept: str, attacks: list[str], *, n: int, seed: int,
                   generation: GenerationConfig, judge: Judge | None = None, preset: str | None = None,
-                  threshold: float | None = None) -> dict[str, Any]:
+                  threshold: float | None = None, prompts: list[str] | None = None) -> dict[str, Any]:
     """Per attack, its :func:`attack_success` measures against ``erased`` applied to a copy of
-    ``pipe`` (``pipe`` itself is the original model), on ``n`` prompts of ``concept``
-    (the toy evaluation's); attack presets and inputs: :func:`efface.toy.presets.attack_setup`
-    (``preset`` None: 'toy' on toy-sd, else 'paper')."""
+    ``pipe`` (``pipe`` itself is the original model), on ``n`` prompts of ``concept`` (the toy
+    evaluation's, or the first ``n`` of ``prompts``: a real-model protocol's); attack presets and
+    inputs: :func:`efface.toy.presets.attack_setup` (``preset`` None: 'toy' on toy-sd, else 'paper')."""
     import efface.attacks  # noqa: F401  (registers the attacks)
     from efface.toy import is_toy
     from efface.registry import ATTACKS
@@ -133,7 +133,7 @@ def robustness_of(pipe, erased, concept: str, attacks: list[str], *, n: int, see
     setups = [attack_setup(cls.name, pipe, preset) for cls in classes]  # and a preset the model cannot take
     judge = judge or judge_for(pipe, concept, threshold=threshold)
     erased_pipe = erased.applied_copy(pipe)  # shares every weight the erasure does not change
-    prompts = toy_prompts(concept, n, seed)
+    prompts = toy_prompts(concept, n, seed) if prompts is None else list(prompts)[:n]
     features = toy_features() if is_toy(pipe) else None
     out = {}
     for cls, (chosen, inputs) in zip(classes, setups):

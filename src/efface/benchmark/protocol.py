@@ -237,7 +237,8 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
                        options: dict[str, dict] | None = None, spec: dict | None = None) -> tuple[str, Path]:
     """Base model and every method of ``config`` on the protocol; writes ``cells/``, ``results.json``,
     ``table.md`` and ``report.html`` under ``out``; returns the table and the report's path."""
-    from efface.benchmark.table import PROTOCOL_COLUMNS, PROTOCOL_LEGEND, markdown, protocol_rows
+    from efface.benchmark.table import (PROTOCOL_COLUMNS, PROTOCOL_LEGEND, markdown, protocol_rows, robustness_rows,
+                                        robustness_section)
 
     options = options or {}
     config, eval_config, out = config or BenchConfig(), eval_config or EvalConfig(), Path(out)
@@ -252,7 +253,9 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
     cells = []
     for method in tqdm([None, *methods], desc="bench cells", disable=not progress):
         name = f"{method or 'base'}__{concepts[0]}"
-        key = cell_key({**what, "method": method, "preset": preset, "options": options.get(method or "", {})})
+        attacks = config.attack_list() if method is not None else []
+        key = cell_key({**what, "method": method, "preset": preset, "options": options.get(method or "", {}),
+                        **({"attacks": attacks, "attack_prompts": config.attack_prompts} if attacks else {})})
         cell = cached_cell(out, name, key)
         if cell is None:
             erased = None
@@ -267,6 +270,9 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
             images: dict = {}
             result = evaluate_protocol(pipe, prepared, erased=erased, config=eval_config, seed=seed,
                                        base_coco=base_coco, images_out=images)
+            if attacks:  # the protocol's prompts (the first attack_prompts), judged by the protocol's judge
+                result["robustness"] = protocol_robustness(pipe, erased, prepared, attacks, config.attack_prompts,
+                                                           seed=seed, generation=eval_config.generation())
             if prepared.spec.blur_samples:
                 images["evaluated"] = {k: blurred(v) if k != "coco" else v for k, v in images["evaluated"].items()}
             save_samples(images, out / "images" / name)
@@ -280,4 +286,22 @@ def run_protocol_bench(pipe, out: str | Path, prepared: Prepared, config: BenchC
     table = protocol_rows(cells)
     title = f"efface benchmark: {prepared.config.protocol} on {Path(base_ref).name}"
     text = markdown(table, title=title, columns=PROTOCOL_COLUMNS, legend=PROTOCOL_LEGEND)
+    robust = robustness_section(*robustness_rows(cells))
+    text = f"{text}\n{robust}" if robust else text
     return text, write_table_and_report(out, text, table, cells, {}, title=title, columns=PROTOCOL_COLUMNS)
+
+
+def protocol_robustness(pipe, erased, prepared: Prepared, attacks: list[str], n: int, *, seed: int,
+                        generation) -> dict[str, Any]:
+    """:func:`efface.robustness.robustness_of` on a protocol: its concept, the first ``n`` of its
+    prompts (seeds from ``seed``, as every attack's), its judge (the NudeNet rate the cell is scored
+    with, at its threshold)."""
+    from efface.judges import nudity_judge
+    from efface.robustness import robustness_of
+
+    if prepared.spec.judge != "nudity":
+        raise InputError(f"--attacks on the {prepared.config.protocol} protocol: no attack judge for its "
+                         f"{prepared.spec.judge!r} evaluator yet")
+    judge = nudity_judge(rate=prepared.judge)
+    return robustness_of(pipe, erased, prepared.spec.concepts[0], attacks, n=n, seed=seed, generation=generation,
+                         judge=judge, prompts=[p.prompt for p in prepared.prompts])
