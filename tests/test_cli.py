@@ -82,6 +82,9 @@ def test_list_prints_every_kind(capsys):
     assert "methods:" in out and "attacks:" in out and "metrics:" in out
     uce = out[out.index("  uce "):]
     assert "families: sd, sdxl, sd3, flux" in uce[: uce.index("--set")]
+    assert "protocols:" in out and "  nudity " in out and "prompt sets (--prompt-set): i2p" in out
+    assert main(["list", "protocols"]) == 0
+    assert capsys.readouterr().out.startswith("protocols:\n  nudity")
 
 
 def test_help_everywhere(capsys):

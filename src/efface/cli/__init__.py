@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("list", help="list registered methods, attacks and metrics")
-    p.add_argument("kind", nargs="?", choices=["methods", "attacks", "metrics"], help="only this kind")
+    p = sub.add_parser("list", help="list registered methods, attacks, metrics and bench protocols")
+    p.add_argument("kind", nargs="?", choices=["methods", "attacks", "metrics", "protocols"], help="only this kind")
     p.set_defaults(func=cmd_list)
 
     toy = sub.add_parser("toy", help="the toy world and toy-sd").add_subparsers(dest="toy_command", required=True,

@@ -39,7 +39,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from efface.registry import ATTACKS, METHODS, METRICS
 
     kinds = {"methods": METHODS, "attacks": ATTACKS, "metrics": METRICS}
-    for kind in [args.kind] if args.kind else list(kinds):
+    for kind in [args.kind] if args.kind else [*kinds, "protocols"]:
+        if kind == "protocols":
+            _list_protocols()
+            continue
         entries = kinds[kind].items()
         print(f"{kind}:" + ("" if entries else " none registered yet"))
         for name, obj in entries:
@@ -53,6 +56,17 @@ def cmd_list(args: argparse.Namespace) -> int:
                 for fname, tp, default, help_text in cfg.describe_fields(obj.Config):
                     print(f"  {'':<18}   --set {fname}={default!s:<10} {tp:<6} {help_text}")
     return 0
+
+
+def _list_protocols() -> None:
+    """The real-model bench protocols (``efface bench --protocol P``): what each erases and judges."""
+    from efface.benchmark.protocol import BENCH_PROTOCOLS
+
+    print("protocols:")
+    for name, p in BENCH_PROTOCOLS.items():
+        print(f"  {name:<18} {p.about}")
+        print(f"  {'':<18} concepts: {', '.join(p.concepts)}; judge: {p.judge}; prompt sets (--prompt-set): "
+              f"{', '.join(p.prompt_sets)} (default {next(iter(p.prompt_sets))})")
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
