@@ -344,12 +344,13 @@ class MACE(ErasureMethod[MACEConfig]):
                 p_new = torch.cat([e.pooled for e in c_new]).to(dtype)
                 add("pooled", p_old, p_new, p_old.reshape(len(old) // n_t, n_t, -1))
         kept = [fill(t, p) for p in request.preserve for t in cfg.templates]
+        preserved: Encodings = {}  # encoded once, read by both kinds
         out = {}
         for kind in ("sequence", "pooled") if pooled else ("sequence",):
             kk, sk, concepts = sums[kind]
             pp = torch.zeros_like(kk)
             for b in range(0, len(kept), ENCODE_BATCH):
-                enc = encode_each(pipe, kept[b : b + ENCODE_BATCH])
+                enc = encode_each(pipe, kept[b : b + ENCODE_BATCH], cache=preserved)
                 rows = [e.embeds[0] if kind == "sequence" else e.pooled for e in enc]
                 p = torch.cat(rows).to(dtype)
                 pp = pp + p.T @ p
