@@ -114,3 +114,27 @@ def attack_pipes(tiny_sd_dir):
     erased_pipe.set_progress_bar_config(disable=True)
     erase(original, "uce", ["circle"], seed=0, progress=False).apply(erased_pipe)
     return original, erased_pipe
+
+@pytest.fixture(scope="session")
+def resnet_dir(tmp_path_factory):
+    """A tiny seeded transformers ResNet with 1000 labels and a ConvNext processor (resnet-50's), saved."""
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    folder = tmp_path_factory.mktemp("resnet")
+    torch.manual_seed(0)
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1],
+                                              num_labels=1000)).save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny seeded CLIP with the toy CLIP tokenizer and a real CLIP processor, saved."""
+    from families import build_tiny_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    model, processor = build_tiny_clip(folder / "tokenizer")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -395,3 +395,26 @@ def single_file_state_dict(pipe, family: str) -> dict[str, torch.Tensor]:
     if family not in writers:
         raise ValueError(f"no single-file writer for {family!r}; choose one of {', '.join(FAMILIES)}")
     return {k: v.detach().clone().contiguous() for k, v in writers[family](pipe).items()}
+
+
+def build_tiny_clip(tokenizer_dir):
+    """A tiny, seeded ``CLIPModel`` (random weights) with the toy CLIP tokenizer (written to
+    ``tokenizer_dir``) and a real CLIP processor: ``(model, processor)``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from efface.toy.tokenizer import MAX_LENGTH, write_tokenizer
+
+    tokenizer = write_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    return model, processor

@@ -8,7 +8,8 @@ import pytest
 
 from efface.cli import main
 from efface.errors import InputError
-from efface.evaluation import EvalConfig, _named, check_concepts, evaluate
+from efface.evaluation import EvalConfig, check_concepts, evaluate
+from efface.suites.toy import named as _named
 from efface.toy.presets import method_preset
 
 FAST = EvalConfig(n=4, n_other=2, steps=8, kid_subsets=3)
@@ -16,12 +17,12 @@ FAST = EvalConfig(n=4, n_other=2, steps=8, kid_subsets=3)
 
 @pytest.fixture(scope="module")
 def base_result(toy):
-    return evaluate(toy, "circle", config=FAST, seed=0)
+    return evaluate(toy, None, "circle", config=FAST, seed=0)
 
 
 def test_eval_json_has_the_contract_keys(base_result):
     r = base_result
-    assert set(r) == {"effectiveness", "utility", "robustness", "cost", "provenance"}
+    assert set(r) == {"effectiveness", "utility", "robustness", "cost", "intervals", "provenance"}
     assert {"target_rate", "synonym_rate", "heldout_rate"} <= set(r["effectiveness"])
     assert {"retained_accuracy", "frechet_distance"} <= set(r["utility"])
     assert {"seconds", "peak_memory_mb", "unet_evaluations"} <= set(r["cost"])
@@ -44,7 +45,7 @@ def test_base_model_has_no_drift_and_no_cost(base_result):
 
 
 def test_same_seed_same_result(toy, base_result):
-    again = evaluate(toy, "circle", config=FAST, seed=0)
+    again = evaluate(toy, None, "circle", config=FAST, seed=0)
     for key in ("effectiveness", "utility", "provenance"):
         assert again[key] == base_result[key]
 
@@ -54,7 +55,7 @@ def test_erased_model_drifts_and_reports_its_cost(toy, base_result):
 
     erased = erase(toy, "uce", ["circle"], preserve=["square"], preset=method_preset("uce"), progress=False)
     before = {k: v.clone() for k, v in toy.unet.state_dict().items()}
-    r = evaluate(toy, "circle", erased=erased, config=FAST, seed=0)
+    r = evaluate(toy, erased, "circle", config=FAST, seed=0)
     assert all((v == toy.unet.state_dict()[k]).all() for k, v in before.items())  # pipe left as it was
     assert r["utility"]["paired_distance"] > 0 and r["cost"]["parameters_changed"] > 0
     assert r["provenance"]["erased"]["method"] == "uce"
@@ -62,7 +63,7 @@ def test_erased_model_drifts_and_reports_its_cost(toy, base_result):
 
 
 def test_several_concepts_are_averaged(toy):
-    r = evaluate(toy, ["circle", "red"], config=EvalConfig(n=2, n_other=1, steps=4, kid_subsets=2), seed=1)
+    r = evaluate(toy, None, ["circle", "red"], config=EvalConfig(n=2, n_other=1, steps=4, kid_subsets=2), seed=1)
     assert set(r["effectiveness"]["per_concept"]) == {"circle", "red"}
     assert "circle" not in r["utility"]["per_concept"] and "blue" in r["utility"]["per_concept"]
 

@@ -141,25 +141,10 @@ def test_bundled_nudenet_when_installed_sees_what_a_png_file_gives_it(tmp_path):
 
 def tiny_clip(config: ClipScoreConfig):
     """A tiny, seeded CLIP (random weights) with the toy CLIP tokenizer and a real CLIP processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from efface.toy.tokenizer import MAX_LENGTH, write_tokenizer
+    from families import build_tiny_clip
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = write_tokenizer(tmp)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8,
-    )).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    return model, processor
+        return build_tiny_clip(tmp)
 
 
 def test_clip_score_with_a_tiny_clip_is_finite_and_scaled():

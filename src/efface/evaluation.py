@@ -1,28 +1,25 @@
-"""Evaluate a (possibly erased) toy-sd pipeline: effectiveness, utility, cost, provenance.
+"""Evaluate a (possibly erased) pipeline on a suite: effectiveness, utility, intervals, cost, provenance.
 
-``evaluate(pipe, "circle", erased=artifact)`` generates seeded images for fixed groups of prompts,
-judges them with the toy classifier and returns the ``eval.json`` dictionary:
+``evaluate(pipe, artifact, suite)`` generates the suite's prompt groups (each prompt with its own
+seed; once per evaluation seed with ``EvalConfig.seeds``), has the suite judge them and returns the
+``eval.json`` dictionary. A suite (:mod:`efface.suites`) is the toy world judged by the toy
+classifier (``evaluate(pipe, artifact, "circle")``: :class:`~efface.suites.toy.ToySuite`) or a
+real-model protocol (nudity, objects, artists, celebrities) with its own judge; the keys are the same:
 
-* ``effectiveness``: fraction of images in which the classifier still finds the erased concept:
-  ``target_rate`` (prompts with the erased word itself), ``synonym_rate`` (its other training
-  synonyms, "disc"), ``heldout_rate`` (held-out synonyms in held-out templates, words no erasure
-  and no UNet training saw). With several concepts: their mean, and ``per_concept``.
-* ``utility``: ``retained_accuracy`` (accuracy on the other concepts of the same axis, train words;
-  ``per_concept`` and the ``nearest`` ones by text-embedding similarity reported apart),
-  ``other_axes_accuracy``, and image drift between base and erased images of those prompts with
-  the same seeds: ``frechet_distance`` and ``kid`` in the classifier's feature space,
-  ``paired_distance`` (RMS pixel difference of same-prompt, same-seed pairs, in [0, 1]).
+* ``effectiveness``: the suite's concept rates (``target_rate`` first: the fraction of images of the
+  erased concept's prompts in which the judge still finds it);
+* ``utility``: what is kept (``retained_accuracy`` on the other concepts, drift against the base
+  model's images of the same prompts and seeds, COCO scores where the suite has them);
+* ``intervals``: per headline number, its mean and 95 % bootstrap interval over prompts and seeds;
 * ``robustness``: per attack, filled by the benchmark (``efface bench --attacks``,
   :func:`efface.robustness.robustness_of`); empty here. ``cost``: the erasure's wall time, peak
-  memory, UNet evaluations and parameters changed (from the artifact; 0 for the base model).
-* ``provenance``: versions, evaluator and its weights' sha256, generation settings, seeds, prompts.
+  memory, UNet evaluations and parameters changed (from the artifact; 0 for the base model);
+* ``provenance``: versions, evaluators and their weights' sha256, generation settings, seeds, prompts.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,13 +27,8 @@ from typing import Any
 import torch
 
 from efface.config import check_bounds
-from efface.errors import InputError
 from efface.metrics.stats import mean_defined
-from efface.metrics.classifier import ConceptRate, ImageDrift
-from efface.models.text import encode
-from efface.sampling import GenerationConfig, generate_many
-from efface.toy.classifier import ToyClassifier
-from efface.toy.world import AXES, SYNONYMS, axis_of, prompts_for, synonyms
+from efface.sampling import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,120 +44,108 @@ class EvalConfig:
     batch_size: int = field(default=48, metadata={"help": "images per pipeline call"})
     nearest: int = field(default=2, metadata={"help": "other concepts reported as the nearest (text embedding)"})
     kid_subsets: int = field(default=20, metadata={"help": "KID subsets"})
+    seeds: str = field(default="", metadata={
+        "help": "evaluation seeds, e.g. 0,1,2: every prompt generated once per seed (a prompt file's own seeds "
+                "offset by each), results with 95 percent bootstrap intervals over prompts and seeds (default: once)"})
 
     def __post_init__(self) -> None:
         check_bounds(self, at_least_one=("n", "n_other", "steps", "batch_size", "kid_subsets"))
+        from efface.suites.base import seed_offsets
+
+        seed_offsets(self.seeds)  # a bad list fails here, before any model loads
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(steps=self.steps, guidance=self.guidance, batch_size=self.batch_size)
 
 
-@dataclass
-class Group:
-    """Prompts of one kind, with the concept each must show on ``axis`` (None: not judged)."""
-
-    name: str
-    axis: str
-    concept: str
-    prompts: list[str]
-
-
-def _groups(concepts: list[str], config: EvalConfig, seed: int) -> tuple[list[Group], list[Group]]:
-    """Effectiveness groups per erased concept, and utility groups (other concepts of their axes)."""
-    effect, utility = [], []
-    for c in concepts:
-        axis, rng = axis_of(c), random.Random(seed)
-        others = tuple(w for w in synonyms(c, "train") if w != c)
-        effect.append(Group(f"{c}/target", axis, c, prompts_for(c, "train", rng=rng, n=config.n, words=(c,))))
-        if others:
-            effect.append(Group(f"{c}/synonyms", axis, c,
-                                prompts_for(c, "train", rng=random.Random(seed + 1), n=config.n, words=others)))
-        effect.append(Group(f"{c}/heldout", axis, c, prompts_for(c, "heldout", rng=random.Random(seed + 2), n=config.n)))
-    kept = [o for axis in dict.fromkeys(axis_of(c) for c in concepts) for o in AXES[axis] if o not in concepts]
-    for o in kept:
-        utility.append(Group(o, axis_of(o), o, prompts_for(o, "train", rng=random.Random(seed + 3), n=config.n_other)))
-    return effect, utility
-
-
-@functools.cache
-def _words_of(axis: str) -> tuple[tuple[str, str], ...]:
-    """(word, canonical concept) for every synonym on ``axis``, longest words first."""
-    words = {w: c for c, (train, held) in SYNONYMS.items() if axis_of(c) == axis for w in train + held}
-    return tuple(sorted(words.items(), key=lambda kv: -len(kv[0])))
-
-
-def _named(prompt: str, axis: str) -> str | None:
-    """The canonical concept a prompt names on ``axis`` (None if it names none)."""
-    padded = f" {prompt.replace(',', ' ')} "
-    return next((c for w, c in _words_of(axis) if f" {w} " in padded), None)
-
-
-def _nearest(pipe, concept_list: list[str], candidates: list[str], k: int) -> list[str]:
-    if not candidates or k <= 0:
-        return []
-    emb = encode(pipe, concept_list + candidates).embeds.float().mean(1).cpu()  # mean over the token sequence
-    target = torch.nn.functional.normalize(emb[: len(concept_list)], dim=-1).mean(0)
-    sims = torch.nn.functional.normalize(emb[len(concept_list):], dim=-1) @ target
-    return [candidates[i] for i in sims.argsort(descending=True)[:k].tolist()]
-
-
 def check_concepts(concepts: str | list[str]) -> list[str]:
-    """The concepts as a list; an :class:`InputError` for none or for one the toy world lacks."""
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
-    if not concepts:
-        raise InputError("give at least one concept to evaluate, e.g. --concept circle")
-    unknown = [c for c in concepts if c not in SYNONYMS]
-    if unknown:
-        raise InputError(f"the toy evaluation knows no concept {', '.join(map(repr, unknown))}; choose from "
-                         f"{', '.join(SYNONYMS)} (real-model protocols: docs/evaluation.md)")
-    if len(set(concepts)) != len(concepts):
-        raise InputError(f"a concept is given twice: {concepts}")
-    return concepts
+    """The toy concepts as a list (:func:`efface.suites.toy.check_concepts`)."""
+    from efface.suites.toy import check_concepts as check
+
+    return check(concepts)
 
 
-def evaluate(pipe, concepts: str | list[str], *, erased=None, config: EvalConfig | None = None, seed: int = 0,
-             classifier_factory=ToyClassifier.load, images_out: dict | None = None) -> dict[str, Any]:
-    """The ``eval.json`` dictionary for ``pipe`` with ``erased`` applied (None: the base model).
+def as_suite(suite):
+    """A :class:`~efface.suites.base.Suite` as is; a toy concept or list of them as their toy suite."""
+    from efface.suites.base import Suite
+    from efface.suites.toy import ToySuite
 
-    ``pipe`` is left as it was. ``classifier_factory`` makes the judge (default: the bundled toy
-    classifier, handed to the metrics). ``images_out``, if given, receives ``{"base": {...}, "evaluated": {...}}`` image
-    lists per group name (for reports)."""
-    concepts = check_concepts(concepts)
+    return suite if isinstance(suite, Suite) else ToySuite(suite)
+
+
+def evaluate(pipe, erased=None, suite="circle", *, config: EvalConfig | None = None, seed: int = 0,
+             images_out: dict | None = None, base_cache: dict | None = None, shard=None) -> dict[str, Any]:
+    """The ``eval.json`` dictionary of ``pipe`` with ``erased`` applied (None: the base model) on
+    ``suite`` (a :class:`~efface.suites.base.Suite`, or toy concepts: their toy suite).
+
+    ``pipe`` is left as it was. Every prompt is generated once per evaluation seed (``config.seeds``,
+    else once); ``intervals`` holds the 95 % bootstrap interval of each headline number over prompts
+    and seeds. ``base_cache``: the base model's images of the reference groups, shared by the cells of
+    a run (filled here when missing). ``images_out``, if given, receives ``{"base": {...},
+    "evaluated": {...}}`` image lists per group name (for reports). ``shard``: this process's share
+    of the images (:mod:`efface.benchmark.distributed`)."""
+    from efface.suites.base import expand, generate_groups, seed_offsets
+
+    suite = as_suite(suite)
     config = config or EvalConfig()
-    classifier = classifier_factory()
+    offsets = seed_offsets(config.seeds)
     gen = config.generation()
-    effect, utility = _groups(concepts, config, seed)
+    groups = expand(suite.groups(config, seed), offsets, seed)
+    effect = [g for g in groups if not g.reference]
+    reference = [g for g in groups if g.reference]
     start = time.perf_counter()
-
-    def run(groups: list[Group]) -> dict[str, list]:
-        prompts = [p for g in groups for p in g.prompts]
-        images = generate_many(pipe, prompts, gen, seed=seed) if prompts else []
-        out, i = {}, 0
-        for g in groups:
-            out[g.name] = images[i : i + len(g.prompts)]
-            i += len(g.prompts)
-        return out
-
-    base_utility = run(utility)
+    base = _base_images(pipe, reference, gen, base_cache, shard)
     if erased is not None:
         with erased.applied(pipe):
-            evaluated = {**run(effect), **run(utility)}
+            evaluated = {**generate_groups(pipe, effect, gen, shard=shard),
+                         **generate_groups(pipe, reference, gen, shard=shard)}
     else:
-        evaluated = {**run(effect), **base_utility}
+        evaluated = {**generate_groups(pipe, effect, gen, shard=shard), **base}
     if images_out is not None:
-        images_out.update(base=base_utility, evaluated=evaluated)
-
-    rates = ConceptRate(lambda: classifier)
-    drift = ImageDrift(lambda: classifier, kid_subsets=config.kid_subsets, seed=seed)
-    effectiveness = _effectiveness(rates, effect, evaluated, concepts)
-    utility_result = _utility(pipe, rates, drift, utility, evaluated, base_utility, concepts, config)
+        images_out.update(base=base, evaluated=evaluated)
+    if shard is not None and not shard.is_main:
+        return {}  # scored once, by the main process
+    effectiveness, utility, samples = suite.score(pipe, evaluated, base, groups, config, seed)
+    n_seeds = len(offsets or [seed])
     return {
         "effectiveness": effectiveness,
-        "utility": utility_result,
+        "utility": utility,
         "robustness": {},
         "cost": erasure_cost(erased, start),
-        "provenance": _provenance(pipe, erased, concepts, config, seed, effect + utility, [rates, drift]),
+        "intervals": intervals(samples, n_seeds, seed=seed),
+        "provenance": _provenance(pipe, erased, suite, config, seed, offsets, groups),
     }
+
+
+def _base_images(pipe, groups, gen, cache: dict | None, shard) -> dict[str, list]:
+    """The base model's images of ``groups``, from ``cache`` where it has them (keyed by the prompts)."""
+    import json
+
+    from efface.suites.base import generate_groups
+
+    cache = {} if cache is None else cache
+    keys = {g.name: json.dumps([[p.prompt, p.seed, p.guidance] for p in g.prompts]) for g in groups}
+    missing = [g for g in groups if keys[g.name] not in cache]
+    for name, images in generate_groups(pipe, missing, gen, shard=shard).items():
+        cache[keys[name]] = images
+    return {g.name: cache[keys[g.name]] for g in groups}
+
+
+def intervals(samples: dict, n_seeds: int, *, seed: int = 0) -> dict[str, Any]:
+    """Per headline metric of ``samples``: ``{"mean", "low", "high", "n_images", "seeds"}``, the
+    95 % bootstrap interval over prompts and seeds (:func:`efface.metrics.stats.bootstrap_interval`)."""
+    from efface.metrics.stats import bootstrap_interval
+
+    out = {}
+    for metric, groups in samples.items():
+        groups = {g: v for g, v in groups.items() if len(v)}
+        if not groups:
+            continue
+        bounds = bootstrap_interval(groups, n_seeds, seed=seed)
+        out[metric] = {"mean": mean_defined([sum(v) / len(v) for v in groups.values()]),
+                       "low": bounds[0], "high": bounds[1],
+                       "n_images": sum(len(v) for v in groups.values()), "seeds": n_seeds}
+    return out
 
 
 def erasure_cost(erased, start: float) -> dict[str, Any]:
@@ -195,50 +175,18 @@ def run_provenance(pipe, erased) -> dict[str, Any]:
     }
 
 
-def _effectiveness(rates: ConceptRate, groups: list[Group], images: dict, concepts: list[str]) -> dict[str, Any]:
-    rates.reset()
-    for g in groups:
-        rates.update(images[g.name], axis=g.axis, wanted=[g.concept] * len(g.prompts), group=g.name)
-    found = rates.compute()
-    keys = {"target_rate": "target", "synonym_rate": "synonyms", "heldout_rate": "heldout"}
-    per = {c: {k: found.get(f"{c}/{kind}") for k, kind in keys.items()} for c in concepts}
-    return {**{k: mean_defined([r[k] for r in per.values()]) for k in keys}, "per_concept": per}
-
-
-def _utility(pipe, rates: ConceptRate, drift: ImageDrift, groups: list[Group], images: dict, base: dict,
-             concepts: list[str], config: EvalConfig) -> dict[str, Any]:
-    rates.reset(), drift.reset()
-    for g in groups:
-        predicted = rates.predict(images[g.name])
-        rates.update(images[g.name], axis=g.axis, wanted=[g.concept] * len(g.prompts), group=g.name,
-                     predicted=predicted)
-        for axis in AXES:
-            if axis != g.axis:
-                rates.update(images[g.name], axis=axis, wanted=[_named(p, axis) for p in g.prompts],
-                             group=f"axis:{axis}", predicted=predicted)
-        drift.update(images[g.name], reference=base[g.name])
-    found = rates.compute()
-    per = {g.concept: found[g.name] for g in groups}
-    nearest = _nearest(pipe, concepts, list(per), config.nearest)
-    return {
-        "retained_accuracy": mean_defined(list(per.values())),
-        "per_concept": per,
-        "nearest": {c: per[c] for c in nearest},
-        "nearest_accuracy": mean_defined([per[c] for c in nearest]),
-        "other_axes_accuracy": {k.removeprefix("axis:"): v for k, v in found.items()
-                                if k.startswith("axis:") and v is not None},
-        **drift.compute(),
-    }
-
-
-def _provenance(pipe, erased, concepts, config, seed, groups: list[Group], metrics) -> dict[str, Any]:
+def _provenance(pipe, erased, suite, config, seed, offsets, groups) -> dict[str, Any]:
+    metrics = suite.metrics()
     return {
         **run_provenance(pipe, erased),
-        "concepts": concepts,
-        "evaluator": metrics[0].provenance()["evaluator"],
+        **suite.provenance(),
         "metrics": [m.provenance() for m in metrics],
         "config": asdict(config),
         "seed": seed,
-        "seeds": "image i of each group uses seed + i",
-        "prompts": {g.name: g.prompts for g in groups},
+        "seeds": ("each prompt's own seed where its source fixes one, else seed + i (i: its place in the group)"
+                  if offsets is None else f"once per offset in {offsets}: the prompt's own seed + offset, "
+                  "else offset + i"),
+        "prompts": {g.name: [p.prompt for p in g.prompts] for g in groups} if offsets is None else
+                   {g.name: [p.prompt for p in g.prompts[: len(g.prompts) // len(offsets)]] for g in groups},
+        "prompt_seeds": {g.name: [p.seed for p in g.prompts] for g in groups},
     }

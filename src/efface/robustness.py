@@ -23,6 +23,7 @@ from typing import Any
 from efface.attacks.base import Attack, AttackResult, image_path
 from efface.judges import describe, judge_for
 from efface.sampling import GenerationConfig, generate_many
+from efface.suites.toy import toy_prompts  # noqa: F401  (the toy attack prompts, used by the CLI and benches)
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,6 @@ def attack_success(attack: Attack, erased_pipe, concept: str, prompts: list[str]
     log.info("%s on %s: pre-ASR %.3f, %s %.3f", attack.report_name, concept, measures["pre_asr"],
              f"ASR ({attack.variant})" if attack.variant else "ASR", rate)
     return measures, result
-
-
-def toy_prompts(concept: str, n: int, seed: int) -> list[str]:
-    """The toy evaluation's target prompts for ``concept`` (its own word in training templates)."""
-    import random
-
-    from efface.toy.world import prompts_for
-
-    return prompts_for(concept, "train", rng=random.Random(seed), n=n, words=(concept,))
 
 
 def robustness_of(pipe, erased, concept: str, attacks: list[str], *, n: int, seed: int,

@@ -1,10 +1,13 @@
 """The benchmark grid: method x concept cells (and multi-concept cells), cached and resumable.
 
-Each cell erases with the method's preset (``toy`` on toy-sd, chosen by
-:func:`efface.toy.presets.method_setup`), evaluates with :func:`efface.evaluation.evaluate` and
-writes ``cells/<name>.json`` atomically, with a key made of everything that determines its result;
-a rerun skips every cell whose file has the same key, so an interrupted run resumes where it
-stopped. Sample images of every cell go to ``images/<name>/``.
+One cell runner for every suite (:mod:`efface.suites`: the toy world, or a real-model protocol):
+each cell erases with the method's preset (``toy`` on the toy models, chosen by
+:func:`efface.toy.presets.method_setup`) and the suite's request, evaluates with
+:func:`efface.evaluation.evaluate` on the suite, runs ``--attacks`` on the suite's attack prompts
+with its judge, and writes ``cells/<name>.json`` atomically, with a key made of everything that
+determines its result; a rerun skips every cell whose file has the same key, so an interrupted run
+resumes where it stopped. Sample images of every cell go to ``images/<name>/``. The base model's
+images of the reference prompts are made once per run and shared by its cells.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
 from efface.errors import InputError
-from efface.evaluation import EvalConfig, check_concepts, evaluate
+from efface.evaluation import EvalConfig, evaluate
+from efface.suites.toy import check_concepts, request_for  # noqa: F401  (request_for: re-exported)
 from efface.io import atomic_dir, atomic_file
 from efface.toy.presets import default_preset, method_setup
 from efface.toy.world import AXES, axis_of
@@ -27,6 +31,7 @@ from efface.toy.world import AXES, axis_of
 log = logging.getLogger(__name__)
 
 SAMPLES = 8  # images per group kept for the report
+TOY_CONCEPTS = ("circle", "striped", "red")  # the toy grid's concepts when --concepts is not given
 
 
 @dataclass
@@ -34,7 +39,8 @@ class BenchConfig:
     """What ``efface bench`` runs (defaults: issue 4's grid)."""
 
     methods: str = field(default="uce,rece,esd-x,esd-u,ca", metadata={"help": "comma-separated methods"})
-    concepts: str = field(default="circle,striped,red", metadata={"help": "comma-separated toy concepts"})
+    concepts: str = field(default="", metadata={"help": "comma-separated concepts (default: circle,striped,red on the "
+                                                         "toy grid; a protocol's own, see efface list protocols)"})
     multi_concept: bool = field(default=True, metadata={"help": "also erase 1, 3 and all concepts of the "
                                                                 "first concept's axis at once"})
     preset: str = field(default="", metadata={"help": "method preset: 'paper' or 'toy' (default: 'toy' on a toy "
@@ -66,7 +72,11 @@ class BenchConfig:
         return names
 
     def concept_list(self) -> list[str]:
-        return check_concepts([c.strip() for c in self.concepts.split(",") if c.strip()])
+        return check_concepts(self.names() or list(TOY_CONCEPTS))
+
+    def names(self) -> list[str]:
+        """The concepts given (none: the suite's default)."""
+        return [c.strip() for c in self.concepts.split(",") if c.strip()]
 
     def multi_sets(self) -> dict[str, list[str]]:
         """Multi-concept cells: "1", "3" and "all" concepts of the first concept's axis."""
@@ -75,22 +85,6 @@ class BenchConfig:
         first = self.concept_list()[0]
         axis = [first] + [c for c in AXES[axis_of(first)] if c != first]
         return {"1": axis[:1], "3": axis[:3], "all": axis}
-
-
-def request_for(method: str, concepts: list[str]) -> dict[str, Any]:
-    """The erasure request the benchmark gives ``method``: preserve the rest of the axes involved;
-    anchor: the method's default, or, for methods whose paper always maps the target onto a named
-    concept (``named_anchor``: CA, DoCo), the axis' first other concept (the toy world has no
-    category word)."""
-    import efface.methods  # noqa: F401  (registers the methods)
-    from efface.registry import METHODS
-
-    axes = dict.fromkeys(axis_of(c) for c in concepts)
-    preserve = [o for a in axes for o in AXES[a] if o not in concepts]
-    anchor = None
-    if METHODS.get(method).named_anchor:  # per concept: the axis' first concept not erased ("" if none is left)
-        anchor = [next((o for o in AXES[axis_of(c)] if o not in concepts), "") for c in concepts]
-    return {"preserve": preserve, "anchor": anchor}
 
 
 def cell_key(payload: dict) -> str:
@@ -143,65 +137,154 @@ def save_samples(images: dict, directory: Path) -> None:
                     make_grid(imgs[:SAMPLES], cols=SAMPLES).save(tmp / f"{side}__{name.replace('/', '_')}.png")
 
 
-def run_cell(pipe, out: Path, name: str, method: str | None, concepts: list[str], *, preset: str,
-             config: EvalConfig, seed: int, base_ref: str, options: dict | None = None,
-             attacks: list[str] | None = None, attack_prompts: int = 8) -> dict[str, Any]:
-    """Erase (unless ``method`` is None: the base model) and evaluate one cell; cached by key.
-    ``preset``: the preset's name (:func:`efface.toy.presets.method_setup` resolves it);
-    ``options``: method options on top of the preset; ``attacks``: run against the erased model
-    (single-concept cells) to fill ``robustness``."""
-    options = options or {}
-    attacks = attacks if method is not None and len(concepts) == 1 else []
-    key = cell_key({"method": method, "concepts": concepts, "preset": preset, "eval": asdict(config), "seed": seed,
-                    "model": base_ref, "request": request_for(method, concepts) if method else None,
-                    "options": options, **({"attacks": attacks, "attack_prompts": attack_prompts} if attacks else {})})
-    cached = cached_cell(out, name, key)
-    if cached is not None:
-        return cached
-    erased = None
-    if method is not None:
-        from efface.methods import erase
+@dataclass
+class Plan:
+    """What a bench runs besides its methods: the suite of a concept set, the concepts (one cell each),
+    the multi-concept sets (name -> concepts), and what ``results.json`` adds about it."""
 
-        chosen, inputs = method_setup(method, pipe, preset)
-        erased = erase(pipe, method, concepts, seed=seed, preset=chosen, progress=False,
-                       **request_for(method, concepts), **inputs, **options)
+    suite_for: Callable[[list[str]], Any]
+    concepts: list[str]
+    multi_sets: dict[str, list[str]]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def toy_plan(config: BenchConfig, classifier_factory=None) -> Plan:
+    """The toy grid: a :class:`~efface.suites.toy.ToySuite` per concept set."""
+    from efface.suites.toy import ToySuite
+
+    kw = {"classifier_factory": classifier_factory} if classifier_factory else {}
+    return Plan(lambda cs: ToySuite(cs, **kw), config.concept_list(), config.multi_sets())
+
+
+def blurred(images: list) -> list:
+    """Images blurred beyond recognition of detail (the report's grids of a nudity protocol)."""
+    from PIL import ImageFilter
+
+    return [im.filter(ImageFilter.GaussianBlur(radius=max(im.size) / 24)) for im in images]
+
+
+@dataclass
+class Cell:
+    """One cell of a bench: its name, method (None: the base model), suite, key and request."""
+
+    name: str
+    method: str | None
+    suite: Any
+    key: str
+    request: dict | None
+    attacks: list[str]
+
+
+def make_cell(name: str, method: str | None, suite, *, preset: str, config: EvalConfig, seed: int, base_ref: str,
+              options: dict, attacks: list[str], attack_prompts: int) -> Cell:
+    """The cell and its cache key (everything that determines its result)."""
+    from efface.evaluation import as_suite
+
+    suite = as_suite(suite)
+    attacks = attacks if method is not None and len(suite.concepts) == 1 else []
+    request = suite.request(method) if method else None
+    key = cell_key({"method": method, "suite": suite.key(), "preset": preset, "eval": asdict(config), "seed": seed,
+                    "model": base_ref, "request": request, "options": options,
+                    **({"attacks": attacks, "attack_prompts": attack_prompts} if attacks else {})})
+    return Cell(name, method, suite, key, request, attacks)
+
+
+def fit_cell(pipe, cell: Cell, *, preset: str, seed: int, options: dict):
+    """The cell's erasure (None for the base model)."""
+    if cell.method is None:
+        return None
+    from efface.methods import erase
+
+    chosen, inputs = method_setup(cell.method, pipe, preset)
+    return erase(pipe, cell.method, cell.suite.concepts, seed=seed, preset=chosen, progress=False, **cell.request,
+                 **inputs, **options)
+
+
+def finish_cell(pipe, out: Path, cell: Cell, erased, *, config: EvalConfig, seed: int, attack_prompts: int,
+                base_cache: dict | None, shard=None, process: int | None = None) -> dict[str, Any] | None:
+    """Evaluate ``erased`` on the cell's suite (its images shared by the processes of ``shard``), run
+    its attacks (on the main process), save samples and write the cell; None on the other processes."""
     images: dict = {}
-    result = evaluate(pipe, concepts, erased=erased, config=config, seed=seed, images_out=images)
-    if attacks:
+    result = evaluate(pipe, erased, cell.suite, config=config, seed=seed, images_out=images, base_cache=base_cache,
+                      shard=shard)
+    if shard is not None and not shard.is_main:
+        return None
+    if cell.attacks:
         from efface.robustness import robustness_of
 
-        result["robustness"] = robustness_of(pipe, erased, concepts[0], attacks, n=attack_prompts, seed=seed,
-                                             generation=config.generation())
-    save_samples(images, out / "images" / name)
-    return write_cell(out, {"key": key, "name": name, "method": method or "base", "concepts": concepts, **result})
+        concept = cell.suite.concepts[0]
+        result["robustness"] = robustness_of(pipe, erased, concept, cell.attacks, n=attack_prompts, seed=seed,
+                                             generation=config.generation(), judge=cell.suite.attack_judge(),
+                                             prompts=cell.suite.attack_prompts(concept, attack_prompts, seed))
+    if cell.suite.blur_samples:
+        images["evaluated"] = {k: blurred(v) if k != "coco" else v for k, v in images["evaluated"].items()}
+    save_samples(images, out / "images" / cell.name)
+    extra = {} if process is None else {"process": process}
+    return write_cell(out, {"key": cell.key, "name": cell.name, "method": cell.method or "base",
+                            "concepts": cell.suite.concepts, **extra, **result})
+
+
+def run_cell(pipe, out: Path, name: str, method: str | None, suite, *, preset: str, config: EvalConfig, seed: int,
+             base_ref: str, options: dict | None = None, attacks: list[str] | None = None, attack_prompts: int = 8,
+             base_cache: dict | None = None) -> dict[str, Any]:
+    """Erase ``suite``'s concepts (unless ``method`` is None: the base model) and evaluate one cell on
+    ``suite`` (or toy concepts); cached by key. ``preset``: the preset's name
+    (:func:`efface.toy.presets.method_setup` resolves it); ``options``: method options on top of the
+    preset; ``attacks``: run against the erased model (single-concept cells) on the suite's attack
+    prompts, judged by its judge, to fill ``robustness``; ``base_cache``: the base images shared by
+    the run's cells."""
+    options = options or {}
+    cell = make_cell(name, method, suite, preset=preset, config=config, seed=seed, base_ref=base_ref,
+                     options=options, attacks=attacks or [], attack_prompts=attack_prompts)
+    cached = cached_cell(out, name, cell.key)
+    if cached is not None:
+        return cached
+    erased = fit_cell(pipe, cell, preset=preset, seed=seed, options=options)
+    return finish_cell(pipe, out, cell, erased, config=config, seed=seed, attack_prompts=attack_prompts,
+                       base_cache=base_cache)
 
 
 def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_config: EvalConfig | None = None,
               *, seed: int = 0, progress: bool = True, options: dict[str, dict] | None = None,
-              spec: dict | None = None) -> dict[str, Any]:
-    """Every cell of the grid (base model included); returns what ``results.json`` holds.
-    ``options``: per method, options on top of its preset; ``spec``: the ``--spec`` file's record
-    (:func:`efface.benchmark.spec.load_spec`), kept in ``results.json``."""
+              spec: dict | None = None, plan: Plan | None = None, shard=None) -> dict[str, Any]:
+    """Every cell of the grid (base model included); returns what ``results.json`` holds (``{}`` on
+    the processes other than the main one of ``shard``, :mod:`efface.benchmark.distributed`).
+    ``plan``: the suites (default: the toy grid of ``config``); ``options``: per method, options on
+    top of its preset; ``spec``: the ``--spec`` file's record (:func:`efface.benchmark.spec.load_spec`),
+    kept in ``results.json``."""
     options = options or {}
     config, eval_config, out = config or BenchConfig(), eval_config or EvalConfig(), Path(out)
-    methods, concepts, multi = config.method_list(), config.concept_list(), config.multi_sets()
+    plan = plan or toy_plan(config)
+    methods, concepts, multi = config.method_list(), plan.concepts, plan.multi_sets
     attacks = config.attack_list()
     preset = config.preset or default_preset(pipe)
     for method in methods:
         method_setup(method, pipe, preset)  # a preset the model cannot take fails before any cell
     base_ref = str(getattr(pipe, "efface_source", type(pipe).__name__))
-    jobs = [(f"base__{c}", None, [c]) for c in concepts]
-    jobs += [(f"base__multi-{k}", None, cs) for k, cs in multi.items() if k != "1"]
-    jobs += [(f"{m}__{c}", m, [c]) for m in methods for c in concepts]
-    jobs += [(f"{m}__multi-{k}", m, cs) for m in methods for k, cs in multi.items() if k != "1"]
-    cells = []
-    for name, method, cs in tqdm(jobs, desc="bench cells", disable=not progress):
-        cells.append(run_cell(pipe, out, name, method, cs, preset=preset, config=eval_config, seed=seed,
-                              base_ref=base_ref, options=options.get(method or "", {}), attacks=attacks,
-                              attack_prompts=config.attack_prompts))
-    results = {"config": asdict(config), "eval_config": asdict(eval_config), "seed": seed, "preset": preset,
-               "options": options, "model": base_ref, "multi_sets": multi, "cells": cells,
-               **({"spec": spec} if spec else {})}
+    sets = {c: [c] for c in concepts} | {f"multi-{k}": cs for k, cs in multi.items() if k != "1"}
+    jobs = [(f"{m or 'base'}__{name}", m, cs) for m in [None, *methods] for name, cs in sets.items()]
+    todo = [make_cell(name, m, plan.suite_for(cs), preset=preset, config=eval_config, seed=seed, base_ref=base_ref,
+                      options=options.get(m or "", {}), attacks=attacks, attack_prompts=config.attack_prompts)
+            for name, m, cs in jobs]
+    run = dict(preset=preset, config=eval_config, seed=seed, attack_prompts=config.attack_prompts)
+    if shard is not None:
+        from efface.benchmark.distributed import run_cells
+
+        cells = run_cells(pipe, out, todo, shard, options=options, progress=progress, **run)
+        if not shard.is_main:
+            return {}
+    else:
+        cells, base_cache = [], {}
+        for cell in tqdm(todo, desc="bench cells", disable=not progress):
+            cached = cached_cell(out, cell.name, cell.key)
+            if cached is None:
+                erased = fit_cell(pipe, cell, preset=preset, seed=seed, options=options.get(cell.method or "", {}))
+                cached = finish_cell(pipe, out, cell, erased, config=eval_config, seed=seed,
+                                     attack_prompts=config.attack_prompts, base_cache=base_cache)
+            cells.append(cached)
+    results = {**plan.record, "config": asdict(config), "eval_config": asdict(eval_config), "seed": seed,
+               "preset": preset, "options": options, "model": base_ref, "multi_sets": multi,
+               "processes": 1 if shard is None else shard.world, "cells": cells, **({"spec": spec} if spec else {})}
     write_json(out / "results.json", results)
     return results
 
@@ -209,19 +292,28 @@ def run_bench(pipe, out: str | Path, config: BenchConfig | None = None, eval_con
 def bench_and_report(pipe, out: str | Path, config: BenchConfig | None = None,
                      eval_config: EvalConfig | None = None, *, seed: int = 0, progress: bool = True,
                      options: dict[str, dict] | None = None, title: str = "efface benchmark",
-                     spec: dict | None = None) -> tuple[str, Path]:
-    """:func:`run_bench`, then ``table.md`` and ``report.html``; returns the table and the report's path."""
-    results = run_bench(pipe, out, config, eval_config, seed=seed, progress=progress, options=options, spec=spec)
-    text, report, _ = report_bench(out, results, title=title)
+                     spec: dict | None = None, plan: Plan | None = None, columns=None,
+                     legend: str | None = None, shard=None) -> tuple[str, Path]:
+    """:func:`run_bench`, then ``table.md`` and ``report.html``; returns the table and the report's path
+    (``""`` as the table on the processes other than the main one of ``shard``)."""
+    results = run_bench(pipe, out, config, eval_config, seed=seed, progress=progress, options=options, spec=spec,
+                        plan=plan, shard=shard)
+    if not results:
+        return "", Path(out) / "report.html"
+    text, report, _ = report_bench(out, results, title=title, columns=columns, legend=legend)
     return text, report
 
 
-def report_bench(out: str | Path, results: dict[str, Any], *, title: str) -> tuple[str, Path, list[dict[str, Any]]]:
+def report_bench(out: str | Path, results: dict[str, Any], *, title: str, columns=None,
+                 legend: str | None = None) -> tuple[str, Path, list[dict[str, Any]]]:
     """``table.md`` and ``report.html`` of :func:`run_bench`'s ``results`` under ``out``; returns the
-    table's text, the report's path and the table's rows."""
-    from efface.benchmark.table import markdown, robustness_markdown, rows
+    table's text, the report's path and the table's rows. ``columns`` / ``legend``: the suite's
+    (default: the toy grid's)."""
+    from efface.benchmark.table import COLUMNS, LEGEND, markdown, robustness_markdown, rows
 
+    columns = columns or COLUMNS
     table = rows(results["cells"], results["multi_sets"])
-    text = markdown(table, title=title) + robustness_markdown(results["cells"])
+    text = markdown(table, title=title, columns=columns, legend=legend or LEGEND)
+    text += robustness_markdown(results["cells"])
     return text, write_table_and_report(Path(out), text, table, results["cells"], results["multi_sets"],
-                                        title=title), table
+                                        title=title, columns=columns), table

@@ -76,7 +76,7 @@ def lines_svg(series: dict[str, list[float | None]], xs: list[str], xlabel: str,
 
 def _table_html(table: list[dict[str, Any]], columns=COLUMNS) -> str:
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(k, r[k]))}</td>" for k, _ in columns) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(k, r.get(k)))}</td>" for k, _ in columns) + "</tr>"
                    for r in table)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

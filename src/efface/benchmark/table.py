@@ -30,6 +30,9 @@ COLUMNS = (
     ("unet_evaluations", "UNet evals"),
     ("parameters_changed", "params changed"),
 )
+COST_KEYS = ("seconds", "peak_memory_mb", "unet_evaluations", "parameters_changed")
+UTILITY_KEYS = ("retained_accuracy", "frechet_distance", "paired_distance", "clip_score", "fid", "lpips_e",
+                "lpips_u")
 
 
 def _multi(cell: dict | None) -> tuple[float | None, float | None] | None:
@@ -104,35 +107,37 @@ def robustness_union(robust: list[tuple[list[str], list[dict[str, Any]]]]) -> tu
     return attacks, table
 
 
+def _utility(u: dict[str, Any], key: str) -> float | None:
+    value = u.get(key)
+    return value.get(key) if isinstance(value, dict) else value  # older cells kept the CLIP summary dict
+
+
 def rows(cells: list[dict[str, Any]], multi_sets: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
-    """One row per method (base first), in the order the methods appear in ``cells``."""
+    """One row per method (base first), in the order the methods appear in ``cells``: every column any
+    suite's table shows (means over the single-concept cells), ``multi_<k>`` per multi-concept set."""
     by_name = {c["name"]: c for c in cells}
     methods = list(dict.fromkeys(c["method"] for c in cells))
-    first = next(iter((multi_sets or {}).get("1", [])), None)
+    multi_sets = multi_sets or {}
+    first = next(iter(multi_sets.get("1", [])), None)
     out = []
     for m in methods:
         single = [c for c in cells if c["method"] == m and "__multi-" not in c["name"]]
         e = [c["effectiveness"] for c in single]
         u = [c["utility"] for c in single]
         cost = [c["cost"] for c in single]
-        robust = [worst_asr(c) for c in single]
-        out.append({
-            "method": m,
-            "target_rate": mean_defined([x["target_rate"] for x in e]),
-            "synonym_rate": mean_defined([x["synonym_rate"] for x in e]),
-            "heldout_rate": mean_defined([x["heldout_rate"] for x in e]),
-            "retained_accuracy": mean_defined([x["retained_accuracy"] for x in u]),
-            "other_axes_accuracy": mean_defined([mean_defined(list(x["other_axes_accuracy"].values())) for x in u]),
-            "frechet_distance": mean_defined([x["frechet_distance"] for x in u]),
-            "robustness": mean_defined(robust),
-            "multi_1": _multi(by_name.get(f"{m}__{first}")) if first else None,
-            "multi_3": _multi(by_name.get(f"{m}__multi-3")),
-            "multi_all": _multi(by_name.get(f"{m}__multi-all")),
-            "seconds": mean_defined([x["seconds"] for x in cost]),
-            "peak_memory_mb": mean_defined([x["peak_memory_mb"] for x in cost]),
-            "unet_evaluations": mean_defined([x["unet_evaluations"] for x in cost]),
-            "parameters_changed": mean_defined([x["parameters_changed"] for x in cost]),
-        })
+        row = {"method": m}
+        row.update({k: mean_defined([x.get(k) for x in e]) for k in ("target_rate", "synonym_rate", "heldout_rate")})
+        row.update({k: mean_defined([_utility(x, k) for x in u]) for k in UTILITY_KEYS})
+        row["other_axes_accuracy"] = mean_defined([mean_defined(list(x.get("other_axes_accuracy", {}).values()))
+                                                   for x in u])
+        row["robustness"] = mean_defined([worst_asr(c) for c in single])
+        ci = [c.get("intervals", {}).get("effectiveness.target_rate") for c in single]
+        row["target_rate_ci"] = (ci[0]["low"], ci[0]["high"]) if len(ci) == 1 and ci[0] else None
+        for k in multi_sets:
+            cell = by_name.get(f"{m}__{first}") if k == "1" else by_name.get(f"{m}__multi-{k}")
+            row[f"multi_{k}"] = _multi(cell)
+        row.update({k: mean_defined([x[k] for x in cost]) for k in COST_KEYS})
+        out.append(row)
     return out
 
 
@@ -140,6 +145,8 @@ def fmt(key: str, value: Any) -> str:
     """A table cell as text ("–" where there is nothing to show)."""
     if value is None:
         return "–"
+    if key.endswith("_ci"):
+        return f"[{value[0]:.3f}, {value[1]:.3f}]"
     if isinstance(value, tuple):
         return " / ".join(fmt("rate", v) for v in value)
     if isinstance(value, str):
@@ -158,39 +165,73 @@ LEGEND = ("Rates are fractions of images in which the evaluator finds the erased
           "axis are erased at once (all: accuracy on the other axes); cost columns: the erasure alone (mean over "
           "concepts); –: not measured.")
 
-# The real-model protocol table (efface.benchmark.protocol).
-PROTOCOL_COLUMNS = (
-    ("method", "method"),
-    ("target_rate", "concept rate ↓"),
-    ("paired_distance", "COCO drift ↓"),
-    ("clip_score", "COCO CLIP score ↑"),
+# The real-model protocol tables (efface.benchmark.protocol): nudity, then the named-concept suites.
+TAIL_COLUMNS = (  # the real-model tables' last columns: robustness and cost
     ("robustness", "attack success (worst) ↓"),
     ("seconds", "seconds"),
     ("peak_memory_mb", "peak MB"),
     ("unet_evaluations", "UNet evals"),
     ("parameters_changed", "params changed"),
 )
+PROTOCOL_COLUMNS = (
+    ("method", "method"),
+    ("target_rate", "concept rate ↓"),
+    ("target_rate_ci", "95% interval"),
+    ("paired_distance", "COCO drift ↓"),
+    ("clip_score", "COCO CLIP score ↑"),
+    ("fid", "COCO FID ↓"),
+    *TAIL_COLUMNS,
+)
 PROTOCOL_LEGEND = ("concept rate: fraction of the protocol's prompts whose image the judge flags (nudity: NudeNet, "
                    "an exposed class above the threshold); COCO drift: RMS pixel distance between base and erased "
                    "images of the same COCO captions and seeds, in [0, 1]; CLIP score: erased images against their "
-                   "captions; cost columns: the erasure alone; –: not measured (no --coco / --clip-model).")
+                   "captions; 95% interval: the concept rate's bootstrap interval over prompts and --seeds; "
+                   "FID: erased COCO images against the real ones (or the base model's, see "
+                   "fid_reference); cost columns: the erasure alone; –: not measured (no --coco / --clip-model / "
+                   "--fid-model).")
+CONCEPT_COLUMNS = (
+    ("method", "method"),
+    ("target_rate", "concept rate ↓"),
+    ("target_rate_ci", "95% interval"),
+    ("retained_accuracy", "kept acc. ↑"),
+    ("lpips_e", "LPIPS erased ↑"),
+    ("lpips_u", "LPIPS kept ↓"),
+    ("clip_score", "COCO CLIP score ↑"),
+    ("fid", "COCO FID ↓"),
+    *TAIL_COLUMNS,
+)
+CONCEPT_LEGEND = ("concept rate: fraction of the erased concepts' images the judge still assigns to them (objects: "
+                  "ImageNet top-1; artists, celebrities: CLIP zero-shot over the erased and kept names); kept acc.: "
+                  "the same on the kept concepts; LPIPS: base vs erased images of the same prompts and seeds, on the "
+                  "erased concepts (higher: more changed) and the kept ones (lower: less changed); multi k: concept "
+                  "rate / kept acc. with k concepts erased at once; COCO columns as in the nudity table; –: not "
+                  "measured.")
+
+
+# A suite's table_kind -> (columns, legend).
+TABLES = {"toy": (COLUMNS, LEGEND), "protocol": (PROTOCOL_COLUMNS, PROTOCOL_LEGEND),
+          "concepts": (CONCEPT_COLUMNS, CONCEPT_LEGEND)}
+
+
+def with_multi(columns, multi_sets: dict[str, list[str]]) -> tuple[tuple[str, str], ...]:
+    """``columns`` with a column per multi-concept set before the cost columns."""
+    cut = next(i for i, (k, _) in enumerate(columns) if k == "seconds")
+    return (*columns[:cut], *multi_columns(multi_sets), *columns[cut:])
 
 
 def protocol_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per cell of a real-model protocol bench (one concept set per method)."""
-    out = []
-    for c in cells:
-        clip = c["utility"].get("clip_score")
-        out.append({"method": c["method"], "target_rate": c["effectiveness"]["target_rate"],
-                    "paired_distance": c["utility"].get("paired_distance"),
-                    "clip_score": clip.get("clip_score") if isinstance(clip, dict) else clip,
-                    "robustness": worst_asr(c), **{k: c["cost"].get(k) for k, _ in PROTOCOL_COLUMNS[5:]}})
-    return out
+    """:func:`rows` of a real-model protocol bench without multi-concept sets."""
+    return rows(cells)
+
+
+def multi_columns(multi_sets: dict[str, list[str]]) -> tuple[tuple[str, str], ...]:
+    """A column per multi-concept set (``multi 5``: concept rate / retained accuracy with 5 erased at once)."""
+    return tuple((f"multi_{k}", f"multi {k}") for k in multi_sets)
 
 
 def markdown(table: list[dict[str, Any]], *, title: str = "", columns=COLUMNS, legend: str = LEGEND) -> str:
     """The table as GitHub markdown, with a legend."""
     head = "| " + " | ".join(label for _, label in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(k, r[k]) for k, _ in columns) + " |" for r in table]
+    body = ["| " + " | ".join(fmt(k, r.get(k)) for k, _ in columns) + " |" for r in table]
     return "\n".join(([f"# {title}", ""] if title else []) + [head, rule, *body, "", legend, ""])

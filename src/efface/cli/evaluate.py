@@ -26,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         erased = ErasedModel.load(args.erased)
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
-    result = evaluate(pipe, args.concept, erased=erased, config=config, seed=args.seed)
+    result = evaluate(pipe, erased, args.concept, config=config, seed=args.seed)
     with atomic_file(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     e, u = result["effectiveness"], result["utility"]
@@ -47,6 +47,9 @@ def _bench(args: argparse.Namespace, bench, evaluation, **kwargs) -> tuple[str, 
         _check_presets(args, bench, model)
     bench.concept_list(), bench.attack_list()
     if len(models) > 1:
+        if kwargs.get("shard") is not None:
+            raise InputError("a run of several processes benchmarks one --model; launch it once per model")
+        kwargs.pop("shard", None)
         return bench_models(models, lambda m: _load(args, m), args.out, bench, evaluation, seed=args.seed,
                             progress=not args.quiet, **kwargs)
     pipe = _load(args)
@@ -68,6 +71,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         apply_spec(args, values, fields)
         kwargs = {"options": options, "spec": record}
     bench, evaluation, protocol = (cfg.from_args(c, args) for c in (BenchConfig, EvalConfig, ProtocolConfig))
+    from efface.benchmark.distributed import Shard
+
+    kwargs["shard"] = Shard.current()  # several processes (accelerate launch / torchrun): the work split
     if protocol.protocol:
         table, report = _protocol_bench(args, bench, evaluation, protocol, **kwargs)
     else:
@@ -75,8 +81,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         check_toy_threshold(protocol.threshold)  # the toy grid (and its --attacks) judge with the toy classifier
         table, report = _bench(args, bench, evaluation, **kwargs)
-    print(table)
-    print(report)
+    if kwargs["shard"] is None or kwargs["shard"].is_main:
+        print(table)
+        print(report)
     return 0
 
 
@@ -91,7 +98,7 @@ def _protocol_bench(args: argparse.Namespace, bench, evaluation, protocol, **kwa
         raise InputError("--protocol benchmarks one --model at a time; run it once per model with its own --out")
     check_model(args.model)
     _check_presets(args, bench)
-    prepared = prepare(protocol)
+    prepared = prepare(protocol, bench, evaluation)
     pipe = _load(args)
     pipe.set_progress_bar_config(disable=True)
     return run_protocol_bench(pipe, args.out, prepared, bench, evaluation, seed=args.seed, progress=not args.quiet,

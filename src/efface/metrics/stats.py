@@ -1,8 +1,9 @@
-"""Distribution distances on feature vectors: Fréchet distance and KID."""
+"""Distribution distances on feature vectors (Fréchet distance, KID) and bootstrap intervals."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import linalg
@@ -59,3 +60,32 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subs
         kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
         total += ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (n * (n - 1)) - 2 * kxy.mean()
     return float(total / subsets)
+
+
+def bootstrap_interval(groups: dict[str, Sequence[float]], n_seeds: int = 1, *, resamples: int = 1000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean over groups of each group's mean.
+
+    Each group's values are ``n_seeds`` consecutive blocks of one value per prompt (seed-major, the
+    same prompts in every block). Every resample draws the seeds with replacement and, per group, its
+    prompts with replacement (a two-way bootstrap over prompts and seeds; with one seed, the usual
+    bootstrap over prompts). None when no group has a value."""
+    rng = np.random.default_rng(seed)
+    stats = []
+    for values in groups.values():
+        v = np.asarray(values, np.float64)
+        if v.size == 0:
+            continue
+        if v.size % n_seeds:
+            raise ValueError(f"{v.size} values are not {n_seeds} blocks of the same prompts")
+        m = v.reshape(n_seeds, -1)  # seeds x prompts
+        s, p = m.shape
+        seed_counts = rng.multinomial(s, np.full(s, 1 / s), size=resamples)    # B x S
+        prompt_counts = rng.multinomial(p, np.full(p, 1 / p), size=resamples)  # B x P
+        stats.append(((seed_counts @ m) * prompt_counts).sum(1) / (s * p))
+    if not stats:
+        return None
+    means = np.mean(stats, axis=0)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
